@@ -1,0 +1,277 @@
+"""`medrwr_edge.ask(...)`: what `medrwr-edge ask` does, as a function returning the evidence record."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from .. import __version__
+from ..errors import InputError, MedrwrError, ModelError
+from .backend import ImageInput, SamplingSettings
+from .loop import EventSink, LoopConfig, MedRwRLoop
+from .protocol import parse_options
+from .steps import EvidenceRecord
+
+DEFAULT_TEXT_PACK = "icd10cm-core"
+DEFAULT_IMAGE_PACK = "reference-images"
+MAX_QUESTION_CHARS = 20_000
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class AskSettings:
+    """Everything that decides the answer; recorded in the evidence so a run can be replayed."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k_sampling: int = 0
+    seed: int = 0
+    max_tokens: int = 512  # per generation pass
+    max_passes: int = 3
+    top_k_docs: int = 3
+    retrieval: bool = True
+    cdir: bool = True
+    cdir_threshold: float = 0.8
+    search_mode: Optional[str] = None  # None: each pack's default
+    n_ctx: int = 8192
+    gpu_layers: int = 0
+
+    def loop_config(self) -> LoopConfig:
+        return LoopConfig(
+            max_passes=self.max_passes,
+            top_k=self.top_k_docs,
+            retrieval=self.retrieval,
+            cdir=self.cdir,
+            cdir_threshold=self.cdir_threshold,
+            sampling=SamplingSettings(self.temperature, self.top_p, self.top_k_sampling, self.seed, self.max_tokens),
+            generation_reserve_tokens=min(self.max_tokens, 512),
+        )
+
+
+def ask(
+    image: Union[None, PathLike, Sequence[PathLike]],
+    question: str,
+    options: Optional[Sequence[str]] = None,
+    *,
+    packs: Optional[Sequence[PathLike]] = None,
+    image_pack: Optional[PathLike] = None,
+    model: Optional[PathLike] = None,
+    settings: Optional[AskSettings] = None,
+    on_event: Optional[EventSink] = None,
+    backend=None,
+    **overrides,
+) -> EvidenceRecord:
+    """Answer `question` about `image` with Med-RwR reasoning-with-retrieval; return the evidence record.
+
+    packs: text packs (names under the data directory or paths); default: the ICD-10-CM core pack.
+    image_pack: the CDIR reference image pack; default: the bundled reference images (if installed).
+    model: a GGUF file, an installed model name, or None for the default model.
+    overrides: any AskSettings field (e.g. seed=1, cdir=False).
+    """
+    settings = settings or AskSettings()
+    for key, value in overrides.items():
+        if not hasattr(settings, key):
+            raise TypeError(f"ask() got an unexpected setting {key!r}")
+        setattr(settings, key, value)
+    _check_settings(settings)
+    question = _check_question(question)
+    opts = parse_options(options or [])
+
+    t0 = time.perf_counter()
+    image_paths = [] if image is None else [image] if isinstance(image, (str, os.PathLike)) else list(image)
+    images, image_records = _load_images(image_paths)
+
+    text_packs, image_pack_obj, pack_records = _open_packs(packs, image_pack, settings)
+    t_packs = time.perf_counter()
+
+    owns_backend = backend is None
+    if backend is None:
+        backend = load_backend(model, settings)
+    t_model = time.perf_counter()
+    try:
+        from .retrieval import PackImageRetriever, PackTextRetriever
+
+        loop = MedRwRLoop(
+            backend,
+            PackTextRetriever(text_packs, settings.search_mode) if text_packs else None,
+            PackImageRetriever(image_pack_obj) if image_pack_obj is not None else None,
+            settings.loop_config(),
+        )
+        record = EvidenceRecord(
+            question=question,
+            options=[{"letter": o.letter, "text": o.text} for o in opts],
+            images=image_records,
+            model=_model_record(backend),
+            packs=pack_records,
+            settings=dict(vars(settings)),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            medrwr_edge_version=__version__,
+        )
+        record.notes.extend(backend.info.notes)
+        if not opts:
+            record.notes.append(
+                "open-ended question (no options): the answer is free text; confidence is the mean token "
+                "probability of the answer, not comparable to the letter confidence; CDIR is off for open answers"
+            )
+        if settings.cdir and images and image_pack_obj is None:
+            record.notes.append("CDIR unavailable: no image pack installed or given")
+        loop.run(record, question, opts, images, on_event)
+    finally:
+        for p in text_packs + ([image_pack_obj] if image_pack_obj is not None else []):
+            p.close()
+        if owns_backend:
+            backend.close()
+    record.timings.update(
+        open_packs=round(t_packs - t0, 4),
+        load_model=round(t_model - t_packs, 4),
+        total=round(time.perf_counter() - t0, 4),
+    )
+    return record
+
+
+def _check_settings(s: AskSettings) -> None:
+    if not 0.0 <= s.cdir_threshold <= 1.0:
+        raise InputError(f"--threshold must be between 0 and 1 (got {s.cdir_threshold})")
+    if s.temperature < 0:
+        raise InputError(f"temperature must be ≥ 0 (got {s.temperature})")
+    if s.max_tokens < 1 or s.max_passes < 1 or s.top_k_docs < 1:
+        raise InputError("max tokens, passes and documents per query must be at least 1")
+    if s.n_ctx < 512:
+        raise InputError(f"context size {s.n_ctx} is too small (at least 512)")
+
+
+def _check_question(question) -> str:
+    if isinstance(question, bytes):
+        try:
+            question = question.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError("the question is not valid UTF-8 text") from None
+    if not isinstance(question, str) or not question.strip():
+        raise InputError("the question is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise InputError(f"the question is {len(question):,} characters; the limit is {MAX_QUESTION_CHARS:,}")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("the question contains characters that are not valid Unicode text") from None
+    return question.strip()
+
+
+def _load_images(paths: Sequence[PathLike]) -> tuple[list[ImageInput], list[dict]]:
+    if not paths:
+        return [], []
+    from ..imaging import load_image
+
+    images, records = [], []
+    for i, path in enumerate(paths):
+        loaded = load_image(path)
+        role = "current" if i == len(paths) - 1 else "prior"
+        images.append(ImageInput(loaded.pixels, loaded.sha256, role))
+        records.append({
+            "sha256": loaded.sha256,
+            "role": role,
+            "format": loaded.format,
+            "width": loaded.width,
+            "height": loaded.height,
+            "meta": dict(loaded.meta),  # imaging keeps an allow-list of non-identifying tags only
+        })
+    return images, records
+
+
+def _open_packs(packs, image_pack, settings: AskSettings):
+    from ..kb_pack.pack import Pack, resolve_pack_path
+
+    opened, records = [], []
+    use_default_text = packs is None
+    if use_default_text:
+        packs = [DEFAULT_TEXT_PACK] if settings.retrieval else []
+    text_packs = []
+    try:
+        for p in packs:
+            path = resolve_pack_path(p)
+            if use_default_text and not path.exists():
+                raise MedrwrError(
+                    f"the default knowledge pack '{DEFAULT_TEXT_PACK}' is not installed; run `medrwr-edge setup` "
+                    "or give --pack PATH (or --no-retrieval)"
+                )
+            pack = Pack.open(path)
+            opened.append(pack)
+            if pack.kind != "text":
+                raise InputError(f"--pack {p}: {pack.name} is an image pack; give it with --image-pack")
+            text_packs.append(pack)
+            records.append(_pack_record(pack, "knowledge"))
+        image_pack_obj = None
+        if settings.cdir:
+            if image_pack is None:
+                default = resolve_pack_path(DEFAULT_IMAGE_PACK)
+                image_pack = default if default.exists() else None
+            if image_pack is not None:
+                image_pack_obj = Pack.open(resolve_pack_path(image_pack))
+                opened.append(image_pack_obj)
+                if image_pack_obj.kind != "image":
+                    raise InputError(f"--image-pack {image_pack}: {image_pack_obj.name} is not an image pack")
+                records.append(_pack_record(image_pack_obj, "cdir-reference-images"))
+    except BaseException:
+        for pack in opened:
+            pack.close()
+        raise
+    return text_packs, image_pack_obj, records
+
+
+def _pack_record(pack, role: str) -> dict:
+    return {
+        "name": pack.name,
+        "version": pack.version,
+        "kind": pack.kind,
+        "role": role,
+        "doc_count": pack.doc_count,
+        "encoder_sha256": pack.encoder_sha256,
+        "manifest_sha256": pack.manifest.get("manifest_sha256", ""),
+        "path": str(pack.path),
+    }
+
+
+def load_backend(model: Optional[PathLike], settings: AskSettings):
+    """The llama.cpp backend for a GGUF file or an installed model name (default: the default LLM)."""
+    from .. import assets
+    from ..paths import cached_sha256
+
+    if model is None:
+        path = assets.default_llm_path()
+    else:
+        path = Path(model)
+        if not path.exists() and os.sep not in str(model):
+            path = assets.installed_path(str(model))  # an installed model's name
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelError(f"model directory {path} must hold exactly one .gguf file (found {len(ggufs)})")
+        path = ggufs[0]
+    assets.check_gguf(path)
+    from .llama_backend import LlamaTextBackend
+
+    return LlamaTextBackend(
+        path,
+        n_ctx=settings.n_ctx,
+        gpu_layers=settings.gpu_layers,
+        seed=settings.seed,
+        sha256=cached_sha256(path),
+    )
+
+
+def _model_record(backend) -> dict:
+    info = backend.info
+    return {
+        "name": Path(info.model_path).name,
+        "sha256": info.model_sha256,
+        "backend": info.name,
+        "has_vision": info.has_vision,
+        "device": info.device,
+        "gpu_layers": info.gpu_layers,
+        "n_ctx": info.n_ctx,
+    }

@@ -1,0 +1,130 @@
+"""`medrwr-edge ask`: stream the reasoning, show retrieved evidence distinctly, or print the record as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ask", help=ASK_HELP, no_args_is_help=True)(ask_command)
+
+
+ASK_HELP = """Answer a question about a medical image with reasoning-with-retrieval.
+
+IMAGE is a PNG/JPEG or DICOM file ('-' for a text-only question). Give options with -o "A. ..." -o "B. ..."
+(without options the question is answered open-ended)."""
+
+
+def ask_command(
+    image: str = typer.Argument(..., help="PNG/JPEG/DICOM image, or '-' for none"),
+    question: str = typer.Argument(..., help="the question"),
+    options: Optional[List[str]] = typer.Option(None, "--options", "-o", help='an option, e.g. "A. Pneumonia" (repeat)'),
+    pack: Optional[List[str]] = typer.Option(None, "--pack", "-p", help="knowledge pack (name or path; repeat)"),
+    image_pack: Optional[str] = typer.Option(None, "--image-pack", help="CDIR reference image pack"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="GGUF file or installed model name"),
+    no_retrieval: bool = typer.Option(False, "--no-retrieval", help="answer queries with <retrieve> None"),
+    no_cdir: bool = typer.Option(False, "--no-cdir", help="never re-retrieve a reference image"),
+    threshold: float = typer.Option(0.8, "--threshold", help="CDIR confidence threshold (paper: 0.8)"),
+    mode: Optional[str] = typer.Option(None, "--mode", help="search mode: dense, lexical or hybrid"),
+    seed: int = typer.Option(0, "--seed"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy and reproducible"),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="token limit per generation pass"),
+    n_ctx: int = typer.Option(8192, "--ctx", help="context window (tokens)"),
+    gpu_layers: int = typer.Option(0, "--gpu-layers", help="layers to offload to a GPU build of llama.cpp (-1: all)"),
+    as_json: bool = typer.Option(False, "--json", help="print the evidence record as JSON"),
+) -> None:
+    from .api import AskSettings, ask
+
+    settings = AskSettings(
+        temperature=temperature, seed=seed, max_tokens=max_tokens, retrieval=not no_retrieval, cdir=not no_cdir,
+        cdir_threshold=threshold, search_mode=mode, n_ctx=n_ctx, gpu_layers=gpu_layers,
+    )
+    view = None if as_json else StreamView()
+    record = ask(
+        None if image == "-" else Path(image),
+        question,
+        options,
+        packs=pack or None,
+        image_pack=image_pack,
+        model=model,
+        settings=settings,
+        on_event=view.on_event if view else None,
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(record.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    else:
+        view.summary(record)
+
+
+class StreamView:
+    """Reasoning streams as plain text; retrieved evidence and CDIR appear as boxed panels between it."""
+
+    def __init__(self):
+        from rich.console import Console
+
+        self.console = Console(highlight=False, soft_wrap=True)
+
+    def on_event(self, kind: str, payload) -> None:
+        from rich.panel import Panel
+        from rich.text import Text
+
+        if kind == "piece":
+            self.console.print(Text(payload, style="dim" if payload.strip().startswith("<") else ""), end="")
+        elif kind == "retrieve":
+            body = Text()
+            if not payload.docs:
+                body.append("no documents (retrieve None)", style="italic")
+            for i, d in enumerate(payload.docs, 1):
+                body.append(f"({i}) ", style="bold")
+                body.append(f"{d.pack} · {d.doc_id} · score {d.score:.3f}\n", style="cyan")
+                snippet = d.snippet if len(d.snippet) < 400 else d.snippet[:400] + " …"
+                body.append(snippet + ("\n" if i < len(payload.docs) else ""))
+            title = f"retrieved for “{payload.query}”" + (" (shortened to fit)" if payload.truncated else "")
+            self.console.print()
+            self.console.print(Panel(body, title=title, border_style="cyan", title_align="left"))
+        elif kind == "cdir":
+            body = Text()
+            body.append(f"confidence {payload.confidence_before:.2f} < threshold {payload.threshold:.2f}: ")
+            body.append("looked up the most similar reference image\n")
+            body.append(f"{payload.reference_pack} · {payload.reference_doc_id} · score {payload.reference_score:.3f}\n",
+                        style="magenta")
+            body.append(payload.reference_caption)
+            self.console.print()
+            self.console.print(Panel(body, title="CDIR", border_style="magenta", title_align="left"))
+
+    def summary(self, record) -> None:
+        from rich.text import Text
+
+        c = self.console
+        c.print()
+        if record.status != "answered":
+            c.print(Text("No answer.", style="bold red"))
+        else:
+            line = Text("Answer: ", style="bold")
+            line.append(record.letter or record.answer, style="bold green")
+            if record.letter and record.answer and record.answer.strip() != record.letter:
+                line.append(f"  ({record.answer})")
+            if record.confidence is not None:
+                label = "confidence" if record.confidence_kind == "first-answer-token" else "mean token probability"
+                line.append(f"   {label} {record.confidence:.2f}")
+            c.print(line)
+        cdir = record.cdir()
+        if cdir is not None:
+            changed = "changed the answer" if cdir.changed else "did not change the answer"
+            c.print(f"CDIR: {changed} ({cdir.answer_before} → {cdir.answer_after})")
+        t = record.tokens
+        c.print(
+            Text(
+                f"{len(record.retrievals())} retrieval(s) · {t.get('generated', 0)} tokens generated · "
+                f"{t.get('prompt', 0)} prompt tokens (encoded once) · {record.timings.get('total', 0):.1f} s · "
+                f"{record.model.get('name')} on {record.model.get('device')}",
+                style="dim",
+            )
+        )
+        for note in record.notes:
+            c.print(Text(f"note: {note}", style="yellow"))

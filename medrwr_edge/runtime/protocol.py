@@ -1,0 +1,218 @@
+"""The Med-RwR protocol: prompts, tags, query normalisation, retrieve blocks and answer parsing.
+
+Everything here reproduces the published Med-RwR code (xmed-lab/Med-RwR) byte for byte where it matters to the
+model: the system prompts it was trained with (note the trailing space at the end of line 2), Qwen ChatML, the
+user turn as image(s) first then `question\nA. ...\nB. ...`, and the exact retrieve-block layout.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from .backend import ImageInput, PromptPart
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+QUERY_OPEN, QUERY_CLOSE = "<query>", "</query>"
+RETRIEVE_OPEN, RETRIEVE_CLOSE = "<retrieve>", "</retrieve>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+
+# The image variant, as in the reference's ECBench / demo prompts. "\n" are real newlines; line 2 ends in a space.
+SYSTEM_PROMPT_IMAGE = (
+    "You are an experienced expert in medicine. You are given a question, an image and a list of choices. "
+    "You are required to select the correct answer from the choices.\n"
+    "First observe the image, think about the question and each choice within <think> </think> tags. "
+    "During thinking, if needed, retrieve medical knowledge using <query> </query> tags. Only one query is "
+    "allowed. An external agent will retrieve information and return it within <retrieve> </retrieve> tags. \n"
+    "You can use the retrieved information to continue thinking and further query if more information is "
+    "needed. When you can reach a conclusion, output your answer within <answer> </answer> tags.\n"
+    "The output should be in the following format:\n"
+    "1. If you need more information, output <think> ... </think>\n<query> ... </query>\n"
+    "<retrieve> ... </retrieve>\n (Multiple think-query-retrieve cycles may occur)\n"
+    "2. If you can directly reach a conclusion without query, output <think> ... </think>\n<answer> ... </answer>"
+)
+
+# The text-only variant (MedQA/MedMCQA stage-1 training prompt).
+SYSTEM_PROMPT_TEXT = (
+    "You are an experienced expert in medicine. You are given a question and a list of choices. "
+    "You are required to select the correct answer from the choices.\n"
+    "First think about the question and each choice within <think> </think> tags. "
+    "During thinking, if needed, retrieve medical knowledge using <query> </query> tags. Only one query is "
+    "allowed. An external agent will retrieve information and return it within <retrieve> </retrieve> tags. \n"
+    "You can use the retrieved information to continue thinking and further query if more information is "
+    "needed. When you can reach a conclusion, output your answer within <answer> </answer> tags.\n"
+    "The output should be in the following format:\n"
+    "1. If you need more information, output <think> ... </think>\n<query> ... </query>\n"
+    "<retrieve> ... </retrieve>\n (Multiple think-query-retrieve cycles may occur)\n"
+    "2. If you can directly reach a conclusion without query, output <think> ... </think>\n<answer> ... </answer>"
+)
+
+# Open-ended questions (no options): same protocol, free-text answer. Not from the paper; labelled as ours.
+SYSTEM_PROMPT_OPEN = (
+    "You are an experienced expert in medicine. You are given a question"
+    "{image_clause}. Answer it concisely and accurately.\n"
+    "First {observe}think about the question within <think> </think> tags. "
+    "During thinking, if needed, retrieve medical knowledge using <query> </query> tags. Only one query is "
+    "allowed. An external agent will retrieve information and return it within <retrieve> </retrieve> tags. \n"
+    "You can use the retrieved information to continue thinking and further query if more information is "
+    "needed. When you can reach a conclusion, output your answer within <answer> </answer> tags.\n"
+    "The output should be in the following format:\n"
+    "1. If you need more information, output <think> ... </think>\n<query> ... </query>\n"
+    "<retrieve> ... </retrieve>\n (Multiple think-query-retrieve cycles may occur)\n"
+    "2. If you can directly reach a conclusion without query, output <think> ... </think>\n<answer> ... </answer>"
+)
+
+# CDIR's spliced reasoning step, as the reference inserts it before regenerating.
+CDIR_THINK = (
+    "<think> I need to find a consultation from a case with similar medical imaging findings to provide relevant "
+    "context and reference. I will use the consultation with previously retrieved information to generate the "
+    "answer. </think>\n"
+)
+CDIR_QUERY = "<query> consultation from similar medical imaging case </query>\n"
+
+# Qwen2.5-VL's image placeholder in ChatML; the multimodal backend replaces the ImageInput part with embeddings.
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+
+OPTION_RE = re.compile(r"^\s*\(?([A-Za-z])[\.\):]\s*(.*\S)\s*$", re.S)
+
+
+def system_prompt(has_image: bool, open_ended: bool = False) -> str:
+    if open_ended:
+        return SYSTEM_PROMPT_OPEN.format(
+            image_clause=" and an image" if has_image else "",
+            observe="observe the image, " if has_image else "",
+        )
+    return SYSTEM_PROMPT_IMAGE if has_image else SYSTEM_PROMPT_TEXT
+
+
+@dataclass(frozen=True)
+class Option:
+    letter: str
+    text: str
+
+
+def parse_options(options: Sequence[str]) -> list[Option]:
+    """Accept "A. text" / "A) text" / plain "text" (lettered A, B, ... in order). Letters must be unique."""
+    from ..errors import InputError
+
+    parsed: list[Option] = []
+    for i, raw in enumerate(options):
+        raw = raw.strip()
+        if not raw:
+            raise InputError(f"option {i + 1} is empty")
+        m = OPTION_RE.match(raw)
+        if m and len(raw) > 2 and m.group(2):
+            parsed.append(Option(m.group(1).upper(), m.group(2).strip()))
+        else:
+            parsed.append(Option(chr(ord("A") + i), raw))
+    letters = [o.letter for o in parsed]
+    if len(set(letters)) != len(letters):
+        raise InputError(f"option letters repeat: {', '.join(letters)}")
+    if len(parsed) > 26:
+        raise InputError("at most 26 options")
+    return parsed
+
+
+def user_text(question: str, options: Sequence[Option]) -> str:
+    """`question\nA. ...\nB. ...` exactly as the reference builds it (no options: the question alone)."""
+    if not options:
+        return question
+    return question + "\n" + "\n".join(f"{o.letter}. {o.text}" for o in options)
+
+
+def chatml_prompt(system: str, user: str, images: Sequence[ImageInput] = (), vision: bool = False) -> list[PromptPart]:
+    """Qwen ChatML up to the open assistant header. Images come first in the user turn (Qwen2.5-VL template).
+
+    For a text-only model (`vision=False`) images are NOT put in the prompt: the model cannot see them, and we
+    never pretend it did (the evidence record says so).
+    """
+    parts: list[PromptPart] = [f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"]
+    if vision:
+        for img in images:
+            parts.append(VISION_START)
+            parts.append(img)
+            parts.append(VISION_END)
+    parts.append(f"{user}<|im_end|>\n<|im_start|>assistant\n")
+    return _merge_text(parts)
+
+
+def _merge_text(parts: list[PromptPart]) -> list[PromptPart]:
+    merged: list[PromptPart] = []
+    for p in parts:
+        if isinstance(p, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += p
+        else:
+            merged.append(p)
+    return merged
+
+
+def prompt_text(parts: Sequence[PromptPart]) -> str:
+    """The prompt as text, images shown as <|image_pad|> (for records and tests)."""
+    return "".join(p if isinstance(p, str) else "<|image_pad|>" for p in parts)
+
+
+def extract_query(text: str) -> Optional[str]:
+    """The first complete `<query>...</query>` of a pass, normalised as the reference does (quotes stripped,
+    whitespace collapsed). None when there is no complete query or it is empty."""
+    start = text.find(QUERY_OPEN)
+    if start < 0:
+        return None
+    end = text.find(QUERY_CLOSE, start + len(QUERY_OPEN))
+    if end < 0:
+        return None
+    query = text[start + len(QUERY_OPEN) : end].replace('"', "").strip()
+    query = " ".join(query.split())
+    return query or None
+
+
+_LEADING_NUMBER = re.compile(r"^\d+\s+")
+
+
+def retrieve_block(docs: Sequence[str]) -> str:
+    """`<retrieve> (1) doc\n(2) doc\n(3) doc\n </retrieve>\n`, or `<retrieve> None </retrieve>\n`.
+
+    Leading "<n> " numbering is removed from each doc as the reference does; each doc is flattened to one
+    line so a document cannot forge tags or break the numbered layout.
+    """
+    if not docs:
+        return f"{RETRIEVE_OPEN} None {RETRIEVE_CLOSE}\n"
+    body = "".join(f"({i + 1}) {_LEADING_NUMBER.sub('', _one_line(d))}\n" for i, d in enumerate(docs))
+    return f"{RETRIEVE_OPEN} {body} {RETRIEVE_CLOSE}\n"
+
+
+def cdir_block(caption: str) -> str:
+    """CDIR's spliced step. The reference puts `<image>` inside the retrieve block for the reference image; a
+    multimodal backend feeds the image there, a text-only one gets the caption only."""
+    return CDIR_THINK + CDIR_QUERY + f"{RETRIEVE_OPEN} {_one_line(caption)} {RETRIEVE_CLOSE}\n"
+
+
+_TAG_RE = re.compile(r"</?(think|query|retrieve|answer)>", re.I)
+
+
+def _one_line(doc: str) -> str:
+    doc = _TAG_RE.sub(lambda m: m.group(0).replace("<", "‹").replace(">", "›"), doc)
+    return " ".join(doc.split())
+
+
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
+
+
+def parse_answer(text: str) -> Optional[str]:
+    """`<answer>(.*?)</answer>` as the paper parses it; the last complete answer wins (there is one in practice)."""
+    found = ANSWER_RE.findall(text)
+    if not found:
+        return None
+    return found[-1].strip()
+
+
+def answer_letter(answer: Optional[str], letters: Sequence[str]) -> Optional[str]:
+    """Option = first token of the answer, case-insensitive, '.' stripped (as the reference's accuracy reward);
+    "(B)", "B)" and "B:" are read as B too. Anything else is not an option."""
+    if not answer:
+        return None
+    first = answer.split()[0] if answer.split() else ""
+    first = first.strip().strip(".").strip("()[]:,").upper()
+    if first in {x.upper() for x in letters}:
+        return first
+    return None

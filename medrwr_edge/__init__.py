@@ -6,7 +6,7 @@ until they are needed) and never pulls in torch or transformers.
 
 __version__ = "0.1.0"
 
-__all__ = ["ask", "Pack", "__version__"]
+__all__ = ["ask", "Session", "Pack", "__version__"]
 
 
 def __getattr__(name):
@@ -14,6 +14,10 @@ def __getattr__(name):
         from .runtime.api import ask
 
         return ask
+    if name == "Session":
+        from .runtime.api import Session
+
+        return Session
     if name == "Pack":
         from .kb_pack.pack import Pack
 

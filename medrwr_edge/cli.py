@@ -30,6 +30,9 @@ def _mount() -> None:
     from .runtime import cli as runtime_cli  # registers `ask`
 
     runtime_cli.register(app)
+    from . import setup_cmd
+
+    setup_cmd.register(app)
 
 
 _mount()

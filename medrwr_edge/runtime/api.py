@@ -53,6 +53,101 @@ class AskSettings:
         )
 
 
+class Session:
+    """A loaded model and opened packs, reused across questions (eval, chat, serve).
+
+    `medrwr_edge.ask()` is a Session used once. Not thread-safe: one question at a time per Session.
+    """
+
+    def __init__(
+        self,
+        *,
+        packs: Optional[Sequence[PathLike]] = None,
+        image_pack: Optional[PathLike] = None,
+        model: Optional[PathLike] = None,
+        settings: Optional[AskSettings] = None,
+        backend=None,
+    ):
+        self.settings = settings or AskSettings()
+        _check_settings(self.settings)
+        t0 = time.perf_counter()
+        self.text_packs, self.image_pack, self.pack_records = _open_packs(packs, image_pack, self.settings)
+        self._owns_backend = backend is None
+        try:
+            self.backend = backend if backend is not None else load_backend(model, self.settings)
+        except BaseException:
+            self._close_packs()
+            raise
+        self.load_seconds = {"open_packs": round(time.perf_counter() - t0, 4)}
+        self.load_seconds["load_model"] = round(time.perf_counter() - t0 - self.load_seconds["open_packs"], 4)
+
+    def ask(
+        self,
+        image: Union[None, PathLike, Sequence[PathLike]],
+        question: str,
+        options: Optional[Sequence[str]] = None,
+        on_event: Optional[EventSink] = None,
+        **overrides,
+    ) -> EvidenceRecord:
+        settings = AskSettings(**vars(self.settings))
+        for key, value in overrides.items():
+            if not hasattr(settings, key):
+                raise TypeError(f"ask() got an unexpected setting {key!r}")
+            setattr(settings, key, value)
+        _check_settings(settings)
+        question = _check_question(question)
+        opts = parse_options(options or [])
+        t0 = time.perf_counter()
+        prepared = image if isinstance(image, PreparedImages) else PreparedImages.load(image)
+        images, image_records = prepared.images, prepared.records
+
+        from .retrieval import PackImageRetriever, PackTextRetriever
+
+        loop = MedRwRLoop(
+            self.backend,
+            PackTextRetriever(self.text_packs, settings.search_mode) if self.text_packs else None,
+            PackImageRetriever(self.image_pack) if self.image_pack is not None and settings.cdir else None,
+            settings.loop_config(),
+        )
+        record = EvidenceRecord(
+            question=question,
+            options=[{"letter": o.letter, "text": o.text} for o in opts],
+            images=image_records,
+            model=_model_record(self.backend),
+            packs=list(self.pack_records),
+            settings=dict(vars(settings)),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            medrwr_edge_version=__version__,
+        )
+        record.notes.extend(self.backend.info.notes)
+        if not opts:
+            record.notes.append(
+                "open-ended question (no options): the answer is free text; confidence is the mean token "
+                "probability of the answer, not comparable to the letter confidence; CDIR is off for open answers"
+            )
+        if settings.cdir and images and self.image_pack is None:
+            record.notes.append("CDIR unavailable: no image pack installed or given")
+        loop.run(record, question, opts, images, on_event)
+        record.timings.update(self.load_seconds)
+        record.timings["total"] = round(time.perf_counter() - t0, 4)
+        return record
+
+    def _close_packs(self) -> None:
+        for p in self.text_packs + ([self.image_pack] if self.image_pack is not None else []):
+            p.close()
+
+    def close(self) -> None:
+        self._close_packs()
+        if self._owns_backend:
+            self.backend.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def ask(
     image: Union[None, PathLike, Sequence[PathLike]],
     question: str,
@@ -73,65 +168,18 @@ def ask(
     model: a GGUF file, an installed model name, or None for the default model.
     overrides: any AskSettings field (e.g. seed=1, cdir=False).
     """
-    settings = settings or AskSettings()
+    settings = AskSettings(**vars(settings)) if settings else AskSettings()
     for key, value in overrides.items():
         if not hasattr(settings, key):
             raise TypeError(f"ask() got an unexpected setting {key!r}")
         setattr(settings, key, value)
     _check_settings(settings)
+    # Fail on bad input before loading anything heavy.
     question = _check_question(question)
-    opts = parse_options(options or [])
-
-    t0 = time.perf_counter()
-    image_paths = [] if image is None else [image] if isinstance(image, (str, os.PathLike)) else list(image)
-    images, image_records = _load_images(image_paths)
-
-    text_packs, image_pack_obj, pack_records = _open_packs(packs, image_pack, settings)
-    t_packs = time.perf_counter()
-
-    owns_backend = backend is None
-    if backend is None:
-        backend = load_backend(model, settings)
-    t_model = time.perf_counter()
-    try:
-        from .retrieval import PackImageRetriever, PackTextRetriever
-
-        loop = MedRwRLoop(
-            backend,
-            PackTextRetriever(text_packs, settings.search_mode) if text_packs else None,
-            PackImageRetriever(image_pack_obj) if image_pack_obj is not None else None,
-            settings.loop_config(),
-        )
-        record = EvidenceRecord(
-            question=question,
-            options=[{"letter": o.letter, "text": o.text} for o in opts],
-            images=image_records,
-            model=_model_record(backend),
-            packs=pack_records,
-            settings=dict(vars(settings)),
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            medrwr_edge_version=__version__,
-        )
-        record.notes.extend(backend.info.notes)
-        if not opts:
-            record.notes.append(
-                "open-ended question (no options): the answer is free text; confidence is the mean token "
-                "probability of the answer, not comparable to the letter confidence; CDIR is off for open answers"
-            )
-        if settings.cdir and images and image_pack_obj is None:
-            record.notes.append("CDIR unavailable: no image pack installed or given")
-        loop.run(record, question, opts, images, on_event)
-    finally:
-        for p in text_packs + ([image_pack_obj] if image_pack_obj is not None else []):
-            p.close()
-        if owns_backend:
-            backend.close()
-    record.timings.update(
-        open_packs=round(t_packs - t0, 4),
-        load_model=round(t_model - t_packs, 4),
-        total=round(time.perf_counter() - t0, 4),
-    )
-    return record
+    parse_options(options or [])
+    prepared = PreparedImages.load(image)
+    with Session(packs=packs, image_pack=image_pack, model=model, settings=settings, backend=backend) as session:
+        return session.ask(prepared, question, options, on_event)
 
 
 def _check_settings(s: AskSettings) -> None:
@@ -162,25 +210,36 @@ def _check_question(question) -> str:
     return question.strip()
 
 
-def _load_images(paths: Sequence[PathLike]) -> tuple[list[ImageInput], list[dict]]:
-    if not paths:
-        return [], []
-    from ..imaging import load_image
+@dataclass
+class PreparedImages:
+    """Input images decoded once: pixels for the model/encoders, non-identifying facts for the record.
 
-    images, records = [], []
-    for i, path in enumerate(paths):
-        loaded = load_image(path)
-        role = "current" if i == len(paths) - 1 else "prior"
-        images.append(ImageInput(loaded.pixels, loaded.sha256, role))
-        records.append({
-            "sha256": loaded.sha256,
-            "role": role,
-            "format": loaded.format,
-            "width": loaded.width,
-            "height": loaded.height,
-            "meta": dict(loaded.meta),  # imaging keeps an allow-list of non-identifying tags only
-        })
-    return images, records
+    With several images, the last is the current study and the others are priors (in the order given)."""
+
+    images: list[ImageInput] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, image: Union[None, PathLike, Sequence[PathLike]]) -> "PreparedImages":
+        paths = [] if image is None else [image] if isinstance(image, (str, os.PathLike)) else list(image)
+        prepared = cls()
+        if not paths:
+            return prepared
+        from ..imaging import load_image
+
+        for i, path in enumerate(paths):
+            loaded = load_image(path)
+            role = "current" if i == len(paths) - 1 else "prior"
+            prepared.images.append(ImageInput(loaded.pixels, loaded.sha256, role))
+            prepared.records.append({
+                "sha256": loaded.sha256,
+                "role": role,
+                "format": loaded.format,
+                "width": loaded.width,
+                "height": loaded.height,
+                "meta": dict(loaded.meta),  # imaging keeps an allow-list of non-identifying tags only
+            })
+        return prepared
 
 
 def _open_packs(packs, image_pack, settings: AskSettings):
@@ -268,6 +327,7 @@ def _model_record(backend) -> dict:
     info = backend.info
     return {
         "name": Path(info.model_path).name,
+        "path": str(info.model_path),
         "sha256": info.model_sha256,
         "backend": info.name,
         "has_vision": info.has_vision,

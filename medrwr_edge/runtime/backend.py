@@ -56,7 +56,7 @@ class Generation:
     stop_reason: str  # "stop" (a stop string), "eos" (end of turn), "length" (max_tokens), "context" (ctx full)
     stop_string: Optional[str] = None
     # If the stop string ended inside a token, text after it was generated too; it is cut from `text`,
-    # and `overshoot_chars` says how many characters were dropped (the loop rolls those tokens back).
+    # and `overshoot_chars` says how many characters were dropped (the backend already re-cut the cache to `text`).
     overshoot_chars: int = 0
     seconds: float = 0.0
 

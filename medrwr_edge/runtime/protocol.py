@@ -116,9 +116,13 @@ def parse_options(options: Sequence[str]) -> list[Option]:
 
 def user_text(question: str, options: Sequence[Option]) -> str:
     """`question\nA. ...\nB. ...` exactly as the reference builds it (no options: the question alone)."""
-    if not options:
-        return question
-    return question + "\n" + "\n".join(f"{o.letter}. {o.text}" for o in options)
+    text = question if not options else question + "\n" + "\n".join(f"{o.letter}. {o.text}" for o in options)
+    return neutralise_control_tokens(text)
+
+
+def neutralise_control_tokens(text: str) -> str:
+    """`<|im_end|>` typed by a user or found in a document must stay text, not become a control token."""
+    return _SPECIAL_RE.sub(lambda m: f"‹|{m.group(1)}|›", text)
 
 
 def chatml_prompt(system: str, user: str, images: Sequence[ImageInput] = (), vision: bool = False) -> list[PromptPart]:
@@ -188,11 +192,15 @@ def cdir_block(caption: str) -> str:
 
 
 _TAG_RE = re.compile(r"</?(think|query|retrieve|answer)>", re.I)
+# Chat-template control tokens (<|im_start|>, <|im_end|>, <|vision_start|>, ...): the backend parses special
+# tokens in appended text, so a document must never be able to spell one.
+_SPECIAL_RE = re.compile(r"<\|([^|<>]{0,40})\|>")
 
 
 def _one_line(doc: str) -> str:
+    """Flatten a document to one line that cannot forge protocol tags or chat-template control tokens."""
     doc = _TAG_RE.sub(lambda m: m.group(0).replace("<", "‹").replace(">", "›"), doc)
-    return " ".join(doc.split())
+    return " ".join(neutralise_control_tokens(doc).split())
 
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)

@@ -1,0 +1,503 @@
+"""`LlamaTextBackend`: the text-only llama.cpp implementation of `runtime.backend.Backend`.
+
+One sequence lives in the KV cache for one assistant turn. The prompt is decoded once (`prefill`); retrieved
+documents are decoded after the current position (`append_text`), so the prompt is never re-encoded; a tail can
+be dropped (`rollback`) or the whole sequence snapshotted (`save_state` / `restore_state`).
+
+Sampling happens here in numpy on the raw logits so that every sampled token carries the probability the model
+gave it (softmax at temperature 1) — the loop's answer confidence — and so greedy decoding is bit-reproducible.
+
+A multimodal backend can subclass this one: `prefill` hands each part to `_decode_part`, and
+`_decode_embeddings` decodes image embeddings into the same sequence.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import struct
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from medrwr_edge.errors import InputError, ModelError
+from medrwr_edge.paths import sha256_file
+from medrwr_edge.runtime import llama_native
+from medrwr_edge.runtime.backend import (
+    BackendInfo,
+    BackendStats,
+    Generation,
+    GeneratedToken,
+    ImageInput,
+    PromptPart,
+    SamplingSettings,
+)
+
+
+class ContextFullError(InputError):
+    """The text to decode does not fit in the model's context window."""
+
+
+class _LlamaInfo(BackendInfo):
+    """BackendInfo whose model_sha256 is computed on first read (hashing a 1 GB GGUF takes seconds)."""
+
+    _sha256: Optional[str] = None
+
+    @property
+    def model_sha256(self) -> str:  # type: ignore[override]
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.model_path)
+        return self._sha256
+
+    @model_sha256.setter
+    def model_sha256(self, value: str) -> None:
+        self._sha256 = value or None
+
+
+# Tokens whose logit is this far below the maximum carry < e^-30 of the mass each; top-p skips sorting them.
+_TOP_P_LOGIT_WINDOW = 30.0
+_STATE_MAGIC = b"MRWRKV1\0"
+
+
+def _gpu_device_name() -> str:
+    info = llama_native.system_info().upper()
+    for key, name in (("CUDA", "cuda"), ("METAL", "metal"), ("VULKAN", "vulkan"), ("HIP", "rocm"), ("SYCL", "sycl")):
+        if key in info:
+            return name
+    return "gpu"
+
+
+class LlamaTextBackend:
+    """A GGUF text model run by llama.cpp. See `runtime.backend.Backend` for the contract."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        n_ctx: int = 8192,
+        n_batch: int = 512,
+        n_threads: Optional[int] = None,
+        gpu_layers: int = 0,
+        seed: int = 0,
+        sha256: Optional[str] = None,
+        flash_attn: bool = False,
+    ):
+        notes: list[str] = []
+        device = "cpu"
+        if gpu_layers > 0:
+            if llama_native.supports_gpu_offload():
+                device = _gpu_device_name()
+            else:
+                notes.append("GPU offload requested but this llama.cpp build is CPU-only; ran on CPU")
+                gpu_layers = 0
+        self._model = llama_native.NativeModel(model_path, gpu_layers=gpu_layers)
+        facts = self._model.facts
+        if facts.n_ctx_train and n_ctx > facts.n_ctx_train:
+            notes.append(f"n_ctx {n_ctx} capped at the model's training context {facts.n_ctx_train}")
+            n_ctx = facts.n_ctx_train
+        self.n_threads = n_threads or llama_native.physical_cores()
+        try:
+            self._ctx = llama_native.NativeContext(self._model, n_ctx, n_batch, self.n_threads, flash_attn)
+        except ModelError:
+            self._model.close()
+            raise
+        self.seed = seed
+        self.info = _LlamaInfo(
+            name="llama.cpp",
+            model_path=str(self._model.path),
+            model_sha256=sha256 or "",
+            has_vision=False,
+            n_ctx=self._ctx.n_ctx,
+            device=device,
+            gpu_layers=gpu_layers,
+            notes=notes,
+        )
+        self.stats = BackendStats()
+        self._tokens: list[int] = []  # exactly what the KV cache holds, position i = self._tokens[i]
+        self._logits_valid = False  # do the context's last logits belong to self._tokens[-1]?
+        self._state_logits: Optional[np.ndarray] = None  # logits restored by restore_state, until the next decode
+        # Next-token logits at the start of each generate pass, keyed by sequence length. A rollback to one of
+        # these lengths (CDIR drops a generated answer) reuses them: re-decoding the last token alone would give
+        # slightly different numbers than the batched decode that produced it, and greedy output could drift.
+        self._checkpoints: dict[int, np.ndarray] = {}
+        self._rng: Optional[np.random.Generator] = None
+        self._rng_seed: Optional[int] = None
+        self._exp_buf = np.empty(facts.n_vocab, dtype=np.float32)
+
+    # ---- sequence management -------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of `text` as it would be appended (no BOS; special tokens like <|im_start|> parsed)."""
+        return self._model.tokenize(text, add_special=False, parse_special=True)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self._model.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def n_tokens(self) -> int:
+        return len(self._tokens)
+
+    def tokens(self) -> list[int]:
+        return list(self._tokens)
+
+    def reset(self) -> None:
+        self._clear_sequence()
+        self._rng = None
+        self.stats = BackendStats()
+
+    def _clear_sequence(self) -> None:
+        self._ctx.clear()
+        self._tokens.clear()
+        self._logits_valid = False
+        self._state_logits = None
+        self._checkpoints.clear()
+
+    def prefill(self, prompt: Sequence[PromptPart]) -> int:
+        if self._tokens:
+            raise RuntimeError("prefill() needs an empty sequence: call reset() first")
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not self.info.has_vision and any(isinstance(p, ImageInput) for p in prompt):
+            raise ModelError("model has no vision input")  # before anything is decoded
+        t0 = time.perf_counter()
+        try:
+            self._prefill_parts(prompt)
+        except BaseException:
+            self.reset()  # never leave half a prompt in the cache (subclasses clear their own bookkeeping too)
+            raise
+        if not self._tokens:
+            raise InputError("the prompt is empty")
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        return len(self._tokens)
+
+    def _prefill_parts(self, prompt: Sequence[PromptPart]) -> None:
+        pending_text: list[str] = []
+        for part in list(prompt) + [None]:
+            if isinstance(part, str):
+                pending_text.append(part)  # adjacent text parts are tokenized together (same merges as one string)
+                continue
+            if pending_text:
+                text = "".join(pending_text)
+                pending_text = []
+                # BOS (if this model uses one) only at the very start of the sequence.
+                tokens = self._model.tokenize(text, add_special=not self._tokens, parse_special=True)
+                self._check_room(len(tokens), "prompt")
+                self._decode_tokens(tokens)
+                self.stats.prompt_tokens += len(tokens)
+            if part is not None:
+                self._decode_part(part)
+
+    def prefill_tokens(self, tokens: Sequence[int]) -> int:
+        """Prefill exact token ids (benchmarks, tests, and callers that tokenized themselves)."""
+        if self._tokens:
+            raise RuntimeError("prefill_tokens() needs an empty sequence: call reset() first")
+        if not tokens:
+            raise InputError("the prompt is empty")
+        t0 = time.perf_counter()
+        self._check_room(len(tokens), "prompt")
+        self._decode_tokens(list(tokens))
+        self.stats.prompt_tokens += len(tokens)
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        return len(self._tokens)
+
+    def _decode_part(self, part: PromptPart) -> None:
+        """Decode one non-text prompt part; a multimodal subclass encodes images and calls _decode_embeddings."""
+        if isinstance(part, ImageInput):
+            raise ModelError("model has no vision input")
+        raise InputError(f"unsupported prompt part: {type(part).__name__}")
+
+    def append_text(self, text: str) -> int:
+        if not self._tokens:
+            raise RuntimeError("append_text() before prefill()")
+        tokens = self.tokenize(text)
+        if not tokens:
+            return 0
+        self._check_room(len(tokens), "appended text")
+        self._decode_tokens(tokens)
+        self.stats.inserted_tokens += len(tokens)
+        return len(tokens)
+
+    def rollback(self, n_keep: int) -> None:
+        if not 0 <= n_keep <= len(self._tokens):
+            raise ValueError(f"rollback({n_keep}) outside the sequence of {len(self._tokens)} tokens")
+        dropped = len(self._tokens) - n_keep
+        if dropped == 0:
+            return
+        self._ctx.remove_from(n_keep)
+        del self._tokens[n_keep:]
+        self.stats.rolled_back_tokens += dropped
+        self._logits_valid = False
+        for length in [k for k in self._checkpoints if k > n_keep]:
+            del self._checkpoints[length]
+        self._state_logits = self._checkpoints.get(n_keep)
+
+    def save_state(self) -> bytes:
+        """Snapshot the sequence (KV cache, token list, next-token logits) for restore_state()."""
+        logits = self._current_logits() if (self._logits_valid or self._state_logits is not None) else None
+        header = _STATE_MAGIC + struct.pack("<IIB", len(self._tokens), self._model.facts.n_vocab, logits is not None)
+        parts = [header, np.asarray(self._tokens, dtype="<i4").tobytes()]
+        if logits is not None:
+            parts.append(np.asarray(logits, dtype="<f4").tobytes())
+        parts.append(self._ctx.save_sequence())
+        return b"".join(parts)
+
+    def restore_state(self, data: bytes) -> None:
+        head_len = len(_STATE_MAGIC) + 9
+        if len(data) < head_len or not data.startswith(_STATE_MAGIC):
+            raise ModelError("not a saved llama sequence state")
+        n_tok, n_vocab, has_logits = struct.unpack("<IIB", data[len(_STATE_MAGIC) : head_len])
+        if n_vocab != self._model.facts.n_vocab or n_tok > self._ctx.n_ctx:
+            raise ModelError("the saved sequence state belongs to a different model or context size")
+        off = head_len
+        tokens = np.frombuffer(data, dtype="<i4", count=n_tok, offset=off).tolist()
+        off += 4 * n_tok
+        logits = None
+        if has_logits:
+            logits = np.frombuffer(data, dtype="<f4", count=n_vocab, offset=off).astype(np.float32)
+            off += 4 * n_vocab
+        self._ctx.restore_sequence(data[off:])
+        self._tokens = tokens
+        self._state_logits = logits
+        self._logits_valid = False
+        self._checkpoints.clear()
+
+    def last_logits(self) -> np.ndarray:
+        """A copy of the next-token logits after the current sequence."""
+        self._ensure_logits()
+        return np.array(self._current_logits(), dtype=np.float32)
+
+    # ---- generation ----------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        settings: SamplingSettings,
+        stop: Sequence[str],
+        on_piece: Optional[Callable[[str], None]] = None,
+    ) -> Generation:
+        """Sample until a stop string, end of turn (the end token is not kept), max_tokens or a full context.
+
+        With stop_reason "stop" the text ends with the stop string and the cache holds exactly that text (a token
+        that ran past it is replaced by the tokens of its piece up to the stop string). If a pass ends by length
+        inside a multi-byte character, `text` omits the incomplete character; the cache has its bytes."""
+        if not self._tokens:
+            raise RuntimeError("generate() before prefill()")
+        if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
+            raise InputError(f"invalid sampling settings: {settings}")
+        t0 = time.perf_counter()
+        stops = [s for s in stop if s]
+        max_stop = max((len(s) for s in stops), default=0)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        model, ctx = self._model, self._ctx
+        n_ctx = ctx.n_ctx
+
+        self._ensure_logits()
+        if len(self._tokens) not in self._checkpoints:
+            self._checkpoints[len(self._tokens)] = np.array(self._current_logits(), dtype=np.float32)
+        kept: list[GeneratedToken] = []
+        pass_bytes = bytearray()  # bytes of the kept tokens of this pass
+        text = ""
+        streamed = 0  # characters of `text` already given to on_piece
+        stop_reason, stop_hit, overshoot = "length", None, 0
+
+        while len(kept) < settings.max_tokens:
+            if len(self._tokens) >= n_ctx:
+                stop_reason = "context"
+                break
+            token, prob = self._sample(self._current_logits(), settings)
+            if model.is_eog(token):
+                stop_reason = "eos"
+                break
+            piece = model.piece(token)
+            new_text = decoder.decode(piece)
+            search_from = max(0, len(text) - max_stop + 1)
+            candidate = text + new_text
+            hit = _first_stop(candidate, stops, search_from) if stops else None
+            if hit is None:
+                self._decode_sampled(token)
+                kept.append(GeneratedToken(token, new_text, prob))
+                pass_bytes += piece
+                text = candidate
+            else:
+                stop_hit, end = hit
+                stop_reason = "stop"
+                target = candidate[:end]
+                if bytes(pass_bytes) + piece == target.encode("utf-8"):
+                    self._decode_sampled(token)  # the stop string ends exactly at this token's end
+                    kept.append(GeneratedToken(token, new_text, prob))
+                else:
+                    overshoot = len(candidate) - end
+                    self._cut_to(target, kept, pass_bytes)
+                text = target
+                break
+            # Stream what cannot be the start of a stop string still being generated.
+            safe = len(text) - _partial_stop_len(text, stops)
+            if on_piece is not None and safe > streamed:
+                on_piece(text[streamed:safe])
+                streamed = safe
+        if on_piece is not None and len(text) > streamed:
+            on_piece(text[streamed:])
+        seconds = time.perf_counter() - t0
+        self.stats.generate_seconds += seconds
+        return Generation(
+            text=text,
+            tokens=kept,
+            stop_reason=stop_reason,
+            stop_string=stop_hit,
+            overshoot_chars=overshoot,
+            seconds=seconds,
+        )
+
+    def _cut_to(self, target: str, kept: list[GeneratedToken], pass_bytes: bytearray) -> None:
+        """The stop string ended inside the token just sampled (not decoded): make the cache hold exactly `target`.
+
+        Keep the longest run of this pass's tokens whose bytes are a prefix of `target` and end on a character
+        boundary (usually all of them), then decode the tokenization of the rest of `target`."""
+        target_bytes = target.encode("utf-8")
+        n_drop = 0
+        keep_bytes = bytes(pass_bytes)
+        while not (target_bytes.startswith(keep_bytes) and _is_complete_utf8(keep_bytes)):
+            n_drop += 1
+            keep_bytes = keep_bytes[: len(keep_bytes) - len(self._model.piece(kept[-n_drop].token_id))]
+        if n_drop:
+            del kept[-n_drop:]
+            self.rollback(len(self._tokens) - n_drop)
+        tail = self._model.tokenize(target_bytes[len(keep_bytes) :], add_special=False, parse_special=True)
+        if tail:
+            self._check_room(len(tail), "stop-string tail")
+            self._decode_tokens(tail)
+            self.stats.inserted_tokens += len(tail)
+
+    def _sample(self, logits: np.ndarray, settings: SamplingSettings) -> tuple[int, float]:
+        """Pick the next token; return it with its softmax probability at temperature 1 on the raw logits."""
+        best = int(logits.argmax())
+        m = float(logits[best])
+        buf = self._exp_buf  # preallocated: no per-token allocation of a vocab-sized array
+        np.subtract(logits, m, out=buf)
+        np.exp(buf, out=buf)
+        total = float(buf.sum())
+        if settings.temperature == 0:
+            return best, 1.0 / total  # exp(max - max) / total
+        token = self._sample_random(logits, m, settings)
+        return token, float(np.exp(float(logits[token]) - m)) / total
+
+    def _sample_random(self, logits: np.ndarray, m: float, settings: SamplingSettings) -> int:
+        seed = settings.seed
+        if self._rng is None or self._rng_seed != seed:
+            # Seeded once per sequence: the passes of one turn continue one random stream.
+            self._rng = np.random.default_rng([self.seed, seed])
+            self._rng_seed = seed
+        t = settings.temperature
+        if settings.top_k > 0:
+            k = min(settings.top_k, logits.shape[0])
+            cand = np.argpartition(logits, -k)[-k:]
+        elif settings.top_p < 1.0:
+            cand = np.flatnonzero(logits >= m - _TOP_P_LOGIT_WINDOW * t)
+        else:
+            cand = None
+        z = (logits if cand is None else logits[cand]).astype(np.float64)
+        if cand is not None:
+            order = np.argsort(-z, kind="stable")
+            cand, z = cand[order], z[order]
+        p = np.exp((z - z.max()) / t)
+        p /= p.sum()
+        if cand is not None and settings.top_p < 1.0:
+            cut = int(np.searchsorted(np.cumsum(p), settings.top_p)) + 1
+            cand, p = cand[:cut], p[:cut] / p[:cut].sum()
+        cdf = np.cumsum(p)
+        j = min(int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right")), len(cdf) - 1)
+        return int(j if cand is None else cand[j])
+
+    # ---- decoding ------------------------------------------------------------------------------------
+
+    def _current_logits(self) -> np.ndarray:
+        return self._state_logits if self._state_logits is not None else self._ctx.last_logits()
+
+    def _ensure_logits(self) -> None:
+        """After a rollback the context's logits belong to a dropped position: re-decode the last kept token."""
+        if self._logits_valid or self._state_logits is not None:
+            return
+        if not self._tokens:
+            raise RuntimeError("no tokens in the sequence")
+        last = self._tokens[-1]
+        self.rollback(len(self._tokens) - 1)
+        self._decode_tokens([last])
+        self.stats.inserted_tokens += 1
+
+    def _check_room(self, n_new: int, what: str) -> None:
+        if len(self._tokens) + n_new > self._ctx.n_ctx:
+            raise ContextFullError(
+                f"{what} of {n_new} tokens does not fit: {len(self._tokens)} of {self._ctx.n_ctx} context tokens used"
+            )
+
+    def _decode_tokens(self, tokens: Sequence[int], logits_last: bool = True) -> None:
+        """Decode tokens after the current position (n_batch chunks, logits for the last one only)."""
+        self._ctx.decode_tokens(tokens, len(self._tokens), logits_last)
+        self._tokens.extend(tokens)
+        self.stats.decode_calls += -(-len(tokens) // self._ctx.n_batch)
+        self._logits_valid = logits_last
+        self._state_logits = None
+
+    def _decode_embeddings(self, embd: np.ndarray, placeholder_token: int, logits_last: bool = True) -> None:
+        """Decode input embeddings (n, n_embd) after the current position; the token list records each
+        position as `placeholder_token` so n_tokens()/rollback() stay consistent."""
+        n = int(np.asarray(embd).shape[0])
+        self._check_room(n, "embeddings")
+        self._ctx.decode_embeddings(embd, len(self._tokens), logits_last)
+        self._tokens.extend([placeholder_token] * n)
+        self.stats.decode_calls += -(-n // self._ctx.n_batch)
+        self._logits_valid = logits_last
+        self._state_logits = None
+
+    def _decode_sampled(self, token: int) -> None:
+        self._ctx.decode_one(token, len(self._tokens))
+        self._tokens.append(token)
+        self.stats.generated_tokens += 1
+        self.stats.decode_calls += 1
+        self._logits_valid = True
+        self._state_logits = None
+
+    # ---- lifetime ------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        ctx, model = getattr(self, "_ctx", None), getattr(self, "_model", None)
+        if ctx is not None:
+            ctx.close()
+        if model is not None:
+            model.close()
+        # Any later call fails with AttributeError instead of handing freed pointers to llama.cpp.
+        self._ctx = self._model = None  # type: ignore[assignment]
+
+    def __enter__(self) -> "LlamaTextBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _first_stop(text: str, stops: Sequence[str], search_from: int) -> Optional[tuple[str, int]]:
+    """The stop string that completes first in text[search_from:], with the index just past it."""
+    best: Optional[tuple[str, int]] = None
+    for s in stops:
+        i = text.find(s, search_from)
+        if i >= 0 and (best is None or i + len(s) < best[1]):
+            best = (s, i + len(s))
+    return best
+
+
+def _partial_stop_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string (held back from streaming)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def _is_complete_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False

@@ -150,7 +150,7 @@ def test_real_model_end_to_end_with_kv_continuation(smoke_gguf, small_icd_pack, 
     t = rec.tokens
     assert t["decoded"] == t["prompt"] + t["generated"] + t["inserted"]
     inner = be.inner
-    assert inner.n_tokens() == t["decoded"] - t["rolled_back"]  # what the cache holds: nothing decoded twice
+    assert inner.n_tokens() == t["decoded"] + t["prompt_cached"] - t["rolled_back"]  # nothing decoded twice
     # the forced answer letter carries the real model's probability; threshold 1.0 forces CDIR, after which
     # the real model regenerates on its own from the rolled-back cache
     cdir = rec.cdir()
@@ -164,7 +164,8 @@ def test_real_model_end_to_end_with_kv_continuation(smoke_gguf, small_icd_pack, 
 
 
 @pytest.mark.real_model
-def test_real_model_is_deterministic_at_temperature_zero(smoke_gguf, small_icd_pack, small_image_pack, ct_png):
+def test_real_model_is_deterministic_at_temperature_zero(smoke_gguf, small_icd_pack, small_image_pack, ct_png,
+                                                         medrwr_home):
     def once():
         rec = ask(ct_png, "Which diagnosis fits the image?", OPTIONS, packs=[small_icd_pack],
                   image_pack=small_image_pack, model=smoke_gguf, max_tokens=64, n_ctx=4096)
@@ -177,7 +178,11 @@ def test_real_model_is_deterministic_at_temperature_zero(smoke_gguf, small_icd_p
             s.pop("seconds", None)
         return d
 
-    first, second = once(), once()
+    first, second = once(), once()  # the first run fills the system-prompt prefix cache, the second restores it
+    assert first["tokens"]["prompt_cached"] == 0 and second["tokens"]["prompt_cached"] > 0
+    for d in (first, second):
+        for key in ("prompt_cached", "prompt", "decoded"):
+            d["tokens"].pop(key)
     assert first == second
     assert first["passes"] and first["tokens"]["generated"] > 0
 

@@ -242,7 +242,9 @@ def test_token_accounting_and_single_prefill(backend, monkeypatch):
     g3 = backend.generate(SamplingSettings(max_tokens=12), stop=[])
 
     s = backend.stats
-    assert [c for c in calls if c[0] == 0] == [(0, n_prompt)]  # exactly one prefill, at position 0
+    # the prompt is decoded once: the system turn as its own batch (see the prefix cache), then the rest
+    prompt_calls = [c for c in calls if c[0] < n_prompt]
+    assert prompt_calls[0][0] == 0 and len(prompt_calls) <= 2 and sum(n for _, n in prompt_calls) == n_prompt
     assert s.prompt_tokens == n_prompt
     assert s.generated_tokens == len(g1.tokens) + len(g2.tokens) + len(g3.tokens)
     assert s.rolled_back_tokens == len(g2.tokens)

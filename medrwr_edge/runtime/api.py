@@ -40,6 +40,7 @@ class AskSettings:
     search_mode: Optional[str] = None  # None: each pack's default
     n_ctx: int = 8192
     gpu_layers: int = 0
+    prefix_cache: bool = True  # keep the system prompt's KV state on disk: faster first token, same output
 
     def loop_config(self) -> LoopConfig:
         return LoopConfig(
@@ -298,7 +299,7 @@ def _pack_record(pack, role: str) -> dict:
 def load_backend(model: Optional[PathLike], settings: AskSettings):
     """The llama.cpp backend for a GGUF file or an installed model name (default: the default LLM)."""
     from .. import assets
-    from ..paths import cached_sha256
+    from ..paths import cached_sha256, data_dir
 
     if model is None:
         path = assets.default_llm_path()
@@ -320,6 +321,7 @@ def load_backend(model: Optional[PathLike], settings: AskSettings):
         gpu_layers=settings.gpu_layers,
         seed=settings.seed,
         sha256=cached_sha256(path),
+        prefix_cache_dir=str(data_dir() / "prefix-cache") if settings.prefix_cache else None,
     )
 
 

@@ -64,6 +64,7 @@ class Generation:
 @dataclass
 class BackendStats:
     prompt_tokens: int = 0  # tokens decoded by prefill()
+    cached_prompt_tokens: int = 0  # prompt tokens restored from a saved KV state instead of decoded
     generated_tokens: int = 0  # tokens sampled and decoded by generate()
     inserted_tokens: int = 0  # tokens decoded by append_text()
     rolled_back_tokens: int = 0  # KV entries dropped by rollback()

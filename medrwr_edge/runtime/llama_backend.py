@@ -60,6 +60,42 @@ _TOP_P_LOGIT_WINDOW = 30.0
 _STATE_MAGIC = b"MRWRKV1\0"
 
 
+class PrefixCache:
+    """KV states of system prompts, on disk, keyed by model sha256 + prompt tokens. A few MB each; the newest
+    `keep` are kept. A damaged or foreign file is detected by restore_state() and recomputed."""
+
+    def __init__(self, directory, keep: int = 16):
+        from pathlib import Path
+
+        self.dir = Path(directory)
+        self.keep = keep
+
+    @staticmethod
+    def key(model_sha256: str, tokens: Sequence[int]) -> str:
+        import hashlib
+
+        h = hashlib.sha256(model_sha256.encode())
+        h.update(np.asarray(tokens, dtype="<i4").tobytes())
+        return h.hexdigest()
+
+    def load(self, key: str) -> Optional[bytes]:
+        try:
+            return (self.dir / f"{key}.kv").read_bytes()
+        except OSError:
+            return None
+
+    def store(self, key: str, state: bytes) -> None:
+        from medrwr_edge.paths import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(self.dir / f"{key}.kv", state)
+            entries = sorted(self.dir.glob("*.kv"), key=lambda p: p.stat().st_mtime, reverse=True)
+            for old in entries[self.keep :]:
+                old.unlink(missing_ok=True)
+        except OSError:
+            pass  # a read-only data directory only costs the prefill next time
+
+
 def _gpu_device_name() -> str:
     info = llama_native.system_info().upper()
     for key, name in (("CUDA", "cuda"), ("METAL", "metal"), ("VULKAN", "vulkan"), ("HIP", "rocm"), ("SYCL", "sycl")):
@@ -82,6 +118,7 @@ class LlamaTextBackend:
         seed: int = 0,
         sha256: Optional[str] = None,
         flash_attn: bool = False,
+        prefix_cache_dir: Optional[str] = None,
     ):
         notes: list[str] = []
         device = "cpu"
@@ -124,6 +161,7 @@ class LlamaTextBackend:
         self._rng: Optional[np.random.Generator] = None
         self._rng_seed: Optional[int] = None
         self._exp_buf = np.empty(facts.n_vocab, dtype=np.float32)
+        self.prefix_cache = PrefixCache(prefix_cache_dir) if prefix_cache_dir else None
 
     # ---- sequence management -------------------------------------------------------------------------
 
@@ -182,10 +220,40 @@ class LlamaTextBackend:
                 # BOS (if this model uses one) only at the very start of the sequence.
                 tokens = self._model.tokenize(text, add_special=not self._tokens, parse_special=True)
                 self._check_room(len(tokens), "prompt")
-                self._decode_tokens(tokens)
-                self.stats.prompt_tokens += len(tokens)
+                if not self._tokens:
+                    tokens = tokens[self._decode_system_prefix(tokens):]
+                if tokens:
+                    self._decode_tokens(tokens)
+                    self.stats.prompt_tokens += len(tokens)
             if part is not None:
                 self._decode_part(part)
+
+    def _decode_system_prefix(self, tokens: list[int]) -> int:
+        """Decode the system turn (tokens up to its first end-of-turn token) as a batch of its own; return its
+        length. With a prefix cache its KV state is restored from disk instead of computed, which cuts the time to
+        first token after model load to the user turn alone. The prompt is ALWAYS split here, cached or not, so
+        both paths run the same computations and give bit-identical results (a different batch split could change
+        logits in the last bits and, rarely, a greedy token)."""
+        end = next((i + 1 for i, t in enumerate(tokens) if self._model.is_eog(t)), 0)
+        if end == 0 or end == len(tokens):
+            return 0
+        prefix = tokens[:end]
+        key = PrefixCache.key(self.info.model_sha256, prefix) if self.prefix_cache else ""
+        state = self.prefix_cache.load(key) if self.prefix_cache else None
+        if state is not None:
+            try:
+                self.restore_state(state)
+                if self._tokens == prefix:
+                    self.stats.cached_prompt_tokens += len(prefix)
+                    return end
+            except ModelError:
+                pass
+            self._clear_sequence()  # unusable entry: compute it
+        self._decode_tokens(prefix)
+        self.stats.prompt_tokens += len(prefix)
+        if self.prefix_cache:
+            self.prefix_cache.store(key, self.save_state())
+        return end
 
     def prefill_tokens(self, tokens: Sequence[int]) -> int:
         """Prefill exact token ids (benchmarks, tests, and callers that tokenized themselves)."""

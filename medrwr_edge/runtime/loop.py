@@ -172,6 +172,7 @@ class MedRwRLoop:
         st = be.stats
         record.tokens = {
             "prompt": st.prompt_tokens,
+            "prompt_cached": st.cached_prompt_tokens,  # system prompt restored from the prefix cache
             "generated": st.generated_tokens,
             "inserted": st.inserted_tokens,
             "decoded": st.decoded_tokens,

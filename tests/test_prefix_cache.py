@@ -1,0 +1,43 @@
+"""The system-prompt prefix cache: restored KV state gives the same tokens as computing it."""
+
+from __future__ import annotations
+
+import pytest
+
+from medrwr_edge.runtime import protocol as P
+from medrwr_edge.runtime.backend import SamplingSettings
+
+pytestmark = pytest.mark.real_model
+
+
+def _run(gguf, cache_dir, question):
+    from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+
+    be = LlamaTextBackend(str(gguf), n_ctx=2048, n_threads=1, prefix_cache_dir=str(cache_dir))
+    try:
+        be.reset()
+        be.prefill(P.chatml_prompt(P.SYSTEM_PROMPT_TEXT, question))
+        gen = be.generate(SamplingSettings(max_tokens=24), ["</answer>"])
+        return gen.text, be.stats, be.n_tokens()
+    finally:
+        be.close()
+
+
+def test_cached_system_prompt_gives_identical_output(smoke_gguf, tmp_path):
+    cold_text, cold, n_cold = _run(smoke_gguf, tmp_path, "What is a pneumothorax?\nA. air\nB. fluid")
+    assert cold.cached_prompt_tokens == 0 and list(tmp_path.glob("*.kv"))
+    warm_text, warm, n_warm = _run(smoke_gguf, tmp_path, "What is a pneumothorax?\nA. air\nB. fluid")
+    assert warm.cached_prompt_tokens > 100  # the whole system turn came from disk
+    assert warm.prompt_tokens == cold.prompt_tokens - warm.cached_prompt_tokens
+    assert warm_text == cold_text and n_warm == n_cold
+    # another question reuses the same system turn
+    _, other, _ = _run(smoke_gguf, tmp_path, "Which organ makes insulin?\nA. pancreas\nB. liver")
+    assert other.cached_prompt_tokens == warm.cached_prompt_tokens
+
+
+def test_damaged_cache_entry_is_recomputed(smoke_gguf, tmp_path):
+    text, _, _ = _run(smoke_gguf, tmp_path, "Q?\nA. x\nB. y")
+    for f in tmp_path.glob("*.kv"):
+        f.write_bytes(b"garbage")
+    again, stats, _ = _run(smoke_gguf, tmp_path, "Q?\nA. x\nB. y")
+    assert again == text and stats.cached_prompt_tokens == 0

@@ -56,7 +56,11 @@ def _ensure_text_pack(name: str, full: bool, rebuild: bool, progress: bool) -> s
         return f"{out} (kept)"
     encoder = load_encoder(assets.default_text_encoder_dir())
     docs = icd10.icd10_documents() if full else icd10.default_pack_documents()
-    what = "all of ICD-10-CM" if full else "ICD-10-CM chapters " + ", ".join(map(str, icd10.DEFAULT_PACK_CHAPTERS))
+    what = "all of ICD-10-CM" if full else (
+        "ICD-10-CM chapters " + ", ".join(str(c) for c in icd10.DEFAULT_PACK_CHAPTERS if c != 19)
+        + " and chapter 19 categories " + ", ".join(sorted(icd10.DEFAULT_PACK_CHAPTER19_CATEGORIES))
+        + " (no 7th-character variants)"
+    )
     build_text_pack(
         docs, out, encoder, name=name, version=PACK_VERSION, source_description=f"{what} (simple-icd-10-cm 1.5.0)",
         overwrite=True, progress=progress,

@@ -1,0 +1,1 @@
+"""Generated benchmark data (deterministic, with committed manifests in `medrwr_edge/data/`)."""

@@ -246,6 +246,7 @@ def _document(icd, entry: _Entry) -> Document:
     return Document(
         id=doc_id(entry.name),
         text=text,
+        embed_text=embedding_text(text),
         source=SOURCE,
         title=_clean(title),
         metadata={

@@ -31,8 +31,10 @@ def _mount() -> None:
 
     runtime_cli.register(app)
     from . import setup_cmd
+    from .evidence import cli as evidence_cli
 
     setup_cmd.register(app)
+    evidence_cli.register(app)
 
 
 _mount()

@@ -165,7 +165,7 @@ def ask(
     """Answer `question` about `image` with Med-RwR reasoning-with-retrieval; return the evidence record.
 
     packs: text packs (names under the data directory or paths); default: the ICD-10-CM core pack.
-    image_pack: the CDIR reference image pack; default: the bundled reference images (if installed).
+    image_pack: the CDIR reference image pack; None: the default reference images (if installed); False: none.
     model: a GGUF file, an installed model name, or None for the default model.
     overrides: any AskSettings field (e.g. seed=1, cdir=False).
     """
@@ -266,7 +266,7 @@ def _open_packs(packs, image_pack, settings: AskSettings):
             text_packs.append(pack)
             records.append(_pack_record(pack, "knowledge"))
         image_pack_obj = None
-        if settings.cdir:
+        if settings.cdir and image_pack is not False:  # False: no image pack, not even the default
             if image_pack is None:
                 default = resolve_pack_path(DEFAULT_IMAGE_PACK)
                 image_pack = default if default.exists() else None
@@ -292,7 +292,7 @@ def _pack_record(pack, role: str) -> dict:
         "doc_count": pack.doc_count,
         "encoder_sha256": pack.encoder_sha256,
         "manifest_sha256": pack.manifest.get("manifest_sha256", ""),
-        "path": str(pack.path),
+        "path": str(Path(pack.path).resolve()),
     }
 
 
@@ -329,7 +329,7 @@ def _model_record(backend) -> dict:
     info = backend.info
     return {
         "name": Path(info.model_path).name,
-        "path": str(info.model_path),
+        "path": str(Path(info.model_path).resolve()),
         "sha256": info.model_sha256,
         "backend": info.name,
         "has_vision": info.has_vision,

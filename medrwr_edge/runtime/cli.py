@@ -37,6 +37,8 @@ def ask_command(
     n_ctx: int = typer.Option(8192, "--ctx", help="context window (tokens)"),
     gpu_layers: int = typer.Option(0, "--gpu-layers", help="layers to offload to a GPU build of llama.cpp (-1: all)"),
     as_json: bool = typer.Option(False, "--json", help="print the evidence record as JSON"),
+    report: Optional[Path] = typer.Option(None, "--report", help="also write a self-contained HTML report here"),
+    no_log: bool = typer.Option(False, "--no-log", help="do not append this answer to the local answer log"),
 ) -> None:
     from .api import AskSettings, ask
 
@@ -55,10 +57,29 @@ def ask_command(
         settings=settings,
         on_event=view.on_event if view else None,
     )
+    from ..errors import MedrwrError
+    from ..evidence.log import log_answer
+
+    notes = []
+    try:
+        log_id = log_answer(record, "ask", no_log)
+        if log_id is not None:
+            notes.append(f"logged as #{log_id} (medrwr-edge logs; medrwr-edge replay {log_id})")
+    except MedrwrError as e:  # an answer must not be lost because the log is unwritable
+        notes.append(f"warning: not logged: {e}")
+    if report is not None:
+        from ..evidence.report import write_report
+
+        write_report(record, report, images=[] if image == "-" else [Path(image)])
+        notes.append(f"report written to {report}")
     if as_json:
         sys.stdout.write(json.dumps(record.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        for note in notes:
+            print(note, file=sys.stderr)
     else:
         view.summary(record)
+        for note in notes:
+            view.console.print(note, style="dim")
 
 
 class StreamView:

@@ -32,9 +32,11 @@ def _mount() -> None:
     runtime_cli.register(app)
     from . import setup_cmd
     from .evidence import cli as evidence_cli
+    from .export import cli as export_cli
 
     setup_cmd.register(app)
     evidence_cli.register(app)
+    export_cli.register(app)
 
 
 _mount()

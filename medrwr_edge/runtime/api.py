@@ -307,6 +307,12 @@ def load_backend(model: Optional[PathLike], settings: AskSettings):
         path = Path(model)
         if not path.exists() and os.sep not in str(model):
             path = assets.installed_path(str(model))  # an installed model's name
+    from ..export.bundle import is_bundle
+
+    if is_bundle(path):  # an exported Med-RwR bundle: GGUF decoder + ONNX vision encoder, hashes checked
+        from .multimodal_backend import load_bundle
+
+        return load_bundle(path, n_ctx=settings.n_ctx, gpu_layers=settings.gpu_layers, seed=settings.seed)
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:

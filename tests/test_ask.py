@@ -90,6 +90,20 @@ def test_cdir_uses_the_real_image_pack(small_icd_pack, small_image_pack, ct_png)
     assert cdir.changed and rec.letter == "A"
 
 
+def test_cdir_never_returns_the_input_image_itself(small_image_pack):
+    from medrwr_edge.imaging import load_image
+    from medrwr_edge.kb_pack.pack import Pack
+    from medrwr_edge.runtime.backend import ImageInput
+    from medrwr_edge.runtime.retrieval import PackImageRetriever
+
+    with Pack.open(small_image_pack) as pack:
+        # a reference image given as the question's image: CDIR must bring a different case
+        own = pack.search("head", k=1)[0]
+        loaded = load_image(own.image_path)
+        ref = PackImageRetriever(pack).nearest(ImageInput(loaded.pixels, loaded.sha256))
+        assert ref is not None and ref.doc_id != own.doc_id and ref.score < 0.999
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

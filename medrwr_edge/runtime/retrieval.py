@@ -49,6 +49,11 @@ def _doc(pack, hit) -> RetrievedDoc:
     )
 
 
+# A reference this close (cosine) is the input image itself (or a copy): it adds nothing, and its caption would
+# simply describe the input. CDIR takes the next one.
+SAME_IMAGE_SIMILARITY = 0.999
+
+
 class PackImageRetriever:
     """CDIR: the most similar reference image (dense search in the image encoder's space) and its caption."""
 
@@ -58,10 +63,10 @@ class PackImageRetriever:
     def nearest(self, image: ImageInput) -> Optional[ReferenceImage]:
         if image.pixels is None:
             return None
-        hits = self.pack.search(image, k=1)
-        if not hits:
+        hits = self.pack.search(image, k=min(3, self.pack.doc_count))
+        hit = next((h for h in hits if h.score < SAME_IMAGE_SIMILARITY), None)
+        if hit is None:
             return None
-        hit = hits[0]
         image_sha = sha256_file(hit.image_path) if hit.image_path else ""
         return ReferenceImage(
             pack=self.pack.name,

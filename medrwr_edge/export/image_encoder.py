@@ -142,11 +142,16 @@ def export_image_encoder(
 
 
 def _default_parity_images() -> list[np.ndarray]:
-    from skimage import data
+    """Real scans that ship with pydicom (a runtime dependency), plus noise and a colour gradient."""
+    import pydicom.data
 
+    from ..imaging import load_image
+
+    scans = [load_image(pydicom.data.get_testdata_file(name)).pixels for name in ("CT_small.dcm", "MR_small.dcm")]
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, size=(300, 260, 3), dtype=np.uint8)
-    return [data.chelsea(), data.coffee(), np.repeat(data.camera()[:, :, None], 3, axis=2), noise]
+    ramp = np.linspace(0, 255, 320 * 240 * 3).reshape(240, 320, 3).astype(np.uint8)
+    return scans + [noise, ramp]
 
 
 def check_parity(model, onnx_path: Path, spec: EncoderSpec, images: Optional[list[np.ndarray]] = None) -> float:

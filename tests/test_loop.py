@@ -190,3 +190,11 @@ def test_vision_model_gets_image_first_in_user_turn():
     rec = MedRwRLoop(be, FakeTexts(), FakeImages()).run(record(), "Q?", OPTIONS, [IMAGE])
     assert rec.prompt.startswith("<|im_start|>system\n" + P.SYSTEM_PROMPT_IMAGE + "<|im_end|>\n")
     assert "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Q?\nA. Pneumonia\n" in rec.prompt
+
+
+def test_answer_repeating_an_option_text_is_read_as_that_letter_and_noted():
+    rec, *_ = run(["<answer> pneumothorax </answer>"], probs={"pneumothorax": 0.9})
+    assert rec.letter == "B" and rec.answer == "pneumothorax"
+    assert any("repeats option B" in n for n in rec.notes)
+    rec, *_ = run(["<answer> something else </answer>"])
+    assert rec.letter is None

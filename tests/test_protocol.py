@@ -38,6 +38,7 @@ def test_chatml_prompt_text_only():
 @pytest.mark.parametrize("text,expected", [
     ('<query> "tension  pneumothorax"\n signs </query>', "tension pneumothorax signs"),
     ("<query>   </query>", None),
+    ("<query> ... </query>", None),
     ("<query> unfinished", None),
     ("no query", None),
     ("<query> a </query> <query> b </query>", "a"),

@@ -136,8 +136,11 @@ class StreamView:
             c.print(line)
         cdir = record.cdir()
         if cdir is not None:
-            changed = "changed the answer" if cdir.changed else "did not change the answer"
-            c.print(f"CDIR: {changed} ({cdir.answer_before} → {cdir.answer_after})")
+            if cdir.answer_after is None:
+                c.print(f"CDIR: the regeneration gave no answer; the first answer ({cdir.answer_before}) stands")
+            else:
+                changed = "changed the answer" if cdir.changed else "did not change the answer"
+                c.print(f"CDIR: {changed} ({cdir.answer_before} → {cdir.answer_after})")
         t = record.tokens
         c.print(
             Text(

@@ -88,6 +88,7 @@ class MedRwRLoop:
     ) -> EvidenceRecord:
         cfg, be = self.config, self.backend
         emit = on_event or (lambda kind, payload: None)
+        self._notes = record.notes
         t_start = time.perf_counter()
         vision = be.info.has_vision
         open_ended = not options
@@ -116,6 +117,7 @@ class MedRwRLoop:
         answer_pass_start = (be.n_tokens(), 0)  # (cache length, len(turn)) where the answering pass began
         answer: Optional[Answer] = None
         letters = [o.letter for o in options]
+        self._options = list(options)
 
         for pass_index in range(cfg.max_passes):
             answer_pass_start = (be.n_tokens(), len(turn))
@@ -232,6 +234,11 @@ class MedRwRLoop:
     def _read_answer(self, gen: Generation, pass_index: int, letters: list[str]) -> Answer:
         text = P.parse_answer(gen.text)
         letter = P.answer_letter(text, letters) if letters else None
+        if letters and letter is None:
+            letter = P.letter_from_option_text(text, self._options)
+            if letter is not None:
+                self._notes.append(f"the answer {text!r} repeats option {letter}'s text; read as {letter} "
+                                   "(the paper reads only a leading letter)")
         conf, conf_token, kind = None, None, "none"
         start = gen.text.rfind(P.ANSWER_OPEN)
         if text is not None and start >= 0:

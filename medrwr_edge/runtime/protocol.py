@@ -167,7 +167,8 @@ def extract_query(text: str) -> Optional[str]:
         return None
     query = text[start + len(QUERY_OPEN) : end].replace('"', "").strip()
     query = " ".join(query.split())
-    return query or None
+    # "..." (a model copying the prompt's format line) or other punctuation asks for nothing: not a query.
+    return query if any(ch.isalnum() for ch in query) else None
 
 
 _LEADING_NUMBER = re.compile(r"^\d+\s+")
@@ -212,6 +213,18 @@ def parse_answer(text: str) -> Optional[str]:
     if not found:
         return None
     return found[-1].strip()
+
+
+def letter_from_option_text(answer: Optional[str], options: Sequence[Option]) -> Optional[str]:
+    """The letter of the option whose text the answer repeats exactly (case and a final '.' ignored).
+
+    Not the paper's rule (first token = letter); the loop uses it only when that rule finds no letter, and says so
+    in the record: small models often answer "<answer> I60.9 </answer>" for "A. I60.9"."""
+    if not answer:
+        return None
+    norm = answer.strip().rstrip(".").strip().casefold()
+    matches = [o.letter for o in options if o.text.strip().rstrip(".").strip().casefold() == norm]
+    return matches[0] if len(matches) == 1 else None
 
 
 def answer_letter(answer: Optional[str], letters: Sequence[str]) -> Optional[str]:

@@ -32,11 +32,13 @@ def _mount() -> None:
     runtime_cli.register(app)
     from . import setup_cmd
     from .evidence import cli as evidence_cli
+    from .eval import cli as eval_cli
     from .export import cli as export_cli
 
     setup_cmd.register(app)
     evidence_cli.register(app)
     export_cli.register(app)
+    eval_cli.register(app)
 
 
 _mount()

@@ -36,7 +36,7 @@ def test_schemas_are_valid_draft_2020_12_and_ship_with_the_package():
 
 
 # Fields added after the first release of schema version 1: documented, but optional (older records lack them).
-ADDED_WITHIN_VERSION_1 = {"settings": {"prefix_cache"}}
+ADDED_WITHIN_VERSION_1 = {"settings": {"prefix_cache", "n_threads"}}
 
 
 def _props(schema: dict, ref: str) -> dict:

@@ -41,6 +41,7 @@ class AskSettings:
     n_ctx: int = 8192
     gpu_layers: int = 0
     prefix_cache: bool = True  # keep the system prompt's KV state on disk: faster first token, same output
+    n_threads: Optional[int] = None  # llama.cpp threads (None: physical cores); 1 is far faster on a busy CPU
 
     def loop_config(self) -> LoopConfig:
         return LoopConfig(
@@ -192,6 +193,8 @@ def _check_settings(s: AskSettings) -> None:
         raise InputError("max tokens, passes and documents per query must be at least 1")
     if s.n_ctx < 512:
         raise InputError(f"context size {s.n_ctx} is too small (at least 512)")
+    if s.n_threads is not None and s.n_threads < 1:
+        raise InputError("the thread count must be at least 1")
 
 
 def _check_question(question) -> str:
@@ -326,6 +329,7 @@ def load_backend(model: Optional[PathLike], settings: AskSettings):
         n_ctx=settings.n_ctx,
         gpu_layers=settings.gpu_layers,
         seed=settings.seed,
+        n_threads=settings.n_threads,
         sha256=cached_sha256(path),
         prefix_cache_dir=str(data_dir() / "prefix-cache") if settings.prefix_cache else None,
     )

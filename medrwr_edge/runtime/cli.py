@@ -36,6 +36,7 @@ def ask_command(
     max_tokens: int = typer.Option(512, "--max-tokens", help="token limit per generation pass"),
     n_ctx: int = typer.Option(8192, "--ctx", help="context window (tokens)"),
     gpu_layers: int = typer.Option(0, "--gpu-layers", help="layers to offload to a GPU build of llama.cpp (-1: all)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (default: physical cores)"),
     as_json: bool = typer.Option(False, "--json", help="print the evidence record as JSON"),
     report: Optional[Path] = typer.Option(None, "--report", help="also write a self-contained HTML report here"),
     no_log: bool = typer.Option(False, "--no-log", help="do not append this answer to the local answer log"),
@@ -44,7 +45,7 @@ def ask_command(
 
     settings = AskSettings(
         temperature=temperature, seed=seed, max_tokens=max_tokens, retrieval=not no_retrieval, cdir=not no_cdir,
-        cdir_threshold=threshold, search_mode=mode, n_ctx=n_ctx, gpu_layers=gpu_layers,
+        cdir_threshold=threshold, search_mode=mode, n_ctx=n_ctx, gpu_layers=gpu_layers, n_threads=threads,
     )
     view = None if as_json else StreamView()
     record = ask(

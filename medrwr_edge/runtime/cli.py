@@ -106,7 +106,8 @@ class StreamView:
                 body.append(f"{d.pack} · {d.doc_id} · score {d.score:.3f}\n", style="cyan")
                 snippet = d.snippet if len(d.snippet) < 400 else d.snippet[:400] + " …"
                 body.append(snippet + ("\n" if i < len(payload.docs) else ""))
-            title = f"retrieved for “{payload.query}”" + (" (shortened to fit)" if payload.truncated else "")
+            title = (f"retrieved for “{payload.query}”" if payload.query else "empty query: nothing searched") + (
+                " (shortened to fit)" if payload.truncated else "")
             self.console.print()
             self.console.print(Panel(body, title=title, border_style="cyan", title_align="left"))
         elif kind == "cdir":
@@ -146,7 +147,9 @@ class StreamView:
         c.print(
             Text(
                 f"{len(record.retrievals())} retrieval(s) · {t.get('generated', 0)} tokens generated · "
-                f"{t.get('prompt', 0)} prompt tokens (encoded once) · {record.timings.get('total', 0):.1f} s · "
+                f"{t.get('prompt', 0) + t.get('prompt_cached', 0)} prompt tokens (encoded once"
+                + (f"; {t['prompt_cached']} restored from the prefix cache" if t.get("prompt_cached") else "")
+                + f") · {record.timings.get('total', 0):.1f} s · "
                 f"{record.model.get('name')} on {record.model.get('device')}",
                 style="dim",
             )

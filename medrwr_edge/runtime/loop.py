@@ -236,9 +236,10 @@ class MedRwRLoop:
         letter = P.answer_letter(text, letters) if letters else None
         if letters and letter is None:
             letter = P.letter_from_option_text(text, self._options)
-            if letter is not None:
-                self._notes.append(f"the answer {text!r} repeats option {letter}'s text; read as {letter} "
-                                   "(the paper reads only a leading letter)")
+            note = (f"the answer {text!r} repeats option {letter}'s text; read as {letter} "
+                    "(the paper reads only a leading letter)")
+            if letter is not None and note not in self._notes:
+                self._notes.append(note)
         conf, conf_token, kind = None, None, "none"
         start = gen.text.rfind(P.ANSWER_OPEN)
         if text is not None and start >= 0:

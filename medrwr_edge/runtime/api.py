@@ -91,12 +91,7 @@ class Session:
         on_event: Optional[EventSink] = None,
         **overrides,
     ) -> EvidenceRecord:
-        settings = AskSettings(**vars(self.settings))
-        for key, value in overrides.items():
-            if not hasattr(settings, key):
-                raise TypeError(f"ask() got an unexpected setting {key!r}")
-            setattr(settings, key, value)
-        _check_settings(settings)
+        settings = _with_overrides(self.settings, overrides)
         question = _check_question(question)
         opts = parse_options(options or [])
         t0 = time.perf_counter()
@@ -170,18 +165,24 @@ def ask(
     model: a GGUF file, an installed model name, or None for the default model.
     overrides: any AskSettings field (e.g. seed=1, cdir=False).
     """
-    settings = AskSettings(**vars(settings)) if settings else AskSettings()
-    for key, value in overrides.items():
-        if not hasattr(settings, key):
-            raise TypeError(f"ask() got an unexpected setting {key!r}")
-        setattr(settings, key, value)
-    _check_settings(settings)
+    settings = _with_overrides(settings or AskSettings(), overrides)
     # Fail on bad input before loading anything heavy.
     question = _check_question(question)
     parse_options(options or [])
     prepared = PreparedImages.load(image)
     with Session(packs=packs, image_pack=image_pack, model=model, settings=settings, backend=backend) as session:
         return session.ask(prepared, question, options, on_event)
+
+
+def _with_overrides(base: AskSettings, overrides: dict) -> AskSettings:
+    """A checked copy of `base` with keyword overrides (any AskSettings field)."""
+    settings = AskSettings(**vars(base))
+    for key, value in overrides.items():
+        if not hasattr(settings, key):
+            raise TypeError(f"ask() got an unexpected setting {key!r}")
+        setattr(settings, key, value)
+    _check_settings(settings)
+    return settings
 
 
 def _check_settings(s: AskSettings) -> None:

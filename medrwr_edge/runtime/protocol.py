@@ -18,11 +18,9 @@ QUERY_OPEN, QUERY_CLOSE = "<query>", "</query>"
 RETRIEVE_OPEN, RETRIEVE_CLOSE = "<retrieve>", "</retrieve>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
-# The image variant, as in the reference's ECBench / demo prompts. "\n" are real newlines; line 2 ends in a space.
-SYSTEM_PROMPT_IMAGE = (
-    "You are an experienced expert in medicine. You are given a question, an image and a list of choices. "
-    "You are required to select the correct answer from the choices.\n"
-    "First observe the image, think about the question and each choice within <think> </think> tags. "
+# Shared by every variant: how to query, and the output format. "\n" are real newlines, as in the reference's
+# Python source; the first line here ends in a space (line 2 of the prompt).
+_RETRIEVAL_INSTRUCTIONS = (
     "During thinking, if needed, retrieve medical knowledge using <query> </query> tags. Only one query is "
     "allowed. An external agent will retrieve information and return it within <retrieve> </retrieve> tags. \n"
     "You can use the retrieved information to continue thinking and further query if more information is "
@@ -33,19 +31,20 @@ SYSTEM_PROMPT_IMAGE = (
     "2. If you can directly reach a conclusion without query, output <think> ... </think>\n<answer> ... </answer>"
 )
 
-# The text-only variant (MedQA/MedMCQA stage-1 training prompt).
+# The image variant, as in the reference's ECBench / demo prompts (sha256 pinned in tests).
+SYSTEM_PROMPT_IMAGE = (
+    "You are an experienced expert in medicine. You are given a question, an image and a list of choices. "
+    "You are required to select the correct answer from the choices.\n"
+    "First observe the image, think about the question and each choice within <think> </think> tags. "
+    + _RETRIEVAL_INSTRUCTIONS
+)
+
+# The text-only variant (MedQA/MedMCQA stage-1 training prompt; sha256 pinned in tests).
 SYSTEM_PROMPT_TEXT = (
     "You are an experienced expert in medicine. You are given a question and a list of choices. "
     "You are required to select the correct answer from the choices.\n"
     "First think about the question and each choice within <think> </think> tags. "
-    "During thinking, if needed, retrieve medical knowledge using <query> </query> tags. Only one query is "
-    "allowed. An external agent will retrieve information and return it within <retrieve> </retrieve> tags. \n"
-    "You can use the retrieved information to continue thinking and further query if more information is "
-    "needed. When you can reach a conclusion, output your answer within <answer> </answer> tags.\n"
-    "The output should be in the following format:\n"
-    "1. If you need more information, output <think> ... </think>\n<query> ... </query>\n"
-    "<retrieve> ... </retrieve>\n (Multiple think-query-retrieve cycles may occur)\n"
-    "2. If you can directly reach a conclusion without query, output <think> ... </think>\n<answer> ... </answer>"
+    + _RETRIEVAL_INSTRUCTIONS
 )
 
 # Open-ended questions (no options): same protocol, free-text answer. Not from the paper; labelled as ours.
@@ -53,15 +52,7 @@ SYSTEM_PROMPT_OPEN = (
     "You are an experienced expert in medicine. You are given a question"
     "{image_clause}. Answer it concisely and accurately.\n"
     "First {observe}think about the question within <think> </think> tags. "
-    "During thinking, if needed, retrieve medical knowledge using <query> </query> tags. Only one query is "
-    "allowed. An external agent will retrieve information and return it within <retrieve> </retrieve> tags. \n"
-    "You can use the retrieved information to continue thinking and further query if more information is "
-    "needed. When you can reach a conclusion, output your answer within <answer> </answer> tags.\n"
-    "The output should be in the following format:\n"
-    "1. If you need more information, output <think> ... </think>\n<query> ... </query>\n"
-    "<retrieve> ... </retrieve>\n (Multiple think-query-retrieve cycles may occur)\n"
-    "2. If you can directly reach a conclusion without query, output <think> ... </think>\n<answer> ... </answer>"
-)
+) + _RETRIEVAL_INSTRUCTIONS.replace("{", "{{").replace("}", "}}")
 
 # CDIR's spliced reasoning step, as the reference inserts it before regenerating.
 CDIR_THINK = (

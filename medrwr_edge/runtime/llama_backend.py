@@ -122,7 +122,7 @@ class LlamaTextBackend:
     ):
         notes: list[str] = []
         device = "cpu"
-        if gpu_layers > 0:
+        if gpu_layers != 0:  # -1 = every layer, as in llama.cpp
             if llama_native.supports_gpu_offload():
                 device = _gpu_device_name()
             else:

@@ -202,7 +202,7 @@ def test_real_model_is_deterministic_at_temperature_zero(smoke_gguf, small_icd_p
 
 
 @pytest.mark.real_model
-def test_cli_ask_json_and_stream(smoke_gguf, small_icd_pack, small_image_pack, ct_png):
+def test_cli_ask_json_and_stream(smoke_gguf, small_icd_pack, small_image_pack, ct_png, medrwr_home):
     from typer.testing import CliRunner
 
     from medrwr_edge.cli import app

@@ -158,7 +158,11 @@ def test_concurrent_searches(icd_pack):
 
 
 def test_default_fusion_is_lexical_weighted_linear():
-    # chosen by benchmarks/bench_fusion.py; a strong BM25 hit beats a middling dense one
+    # chosen by the retrieval benchmarks; a strong BM25 hit beats a middling dense one. By hand, min-max
+    # normalised: dense 1 -> 1.0, 2 -> 0.8, 3 -> 0.0; lexical 3 -> 1.0, 2 -> 0.0625, 1 -> 0.0; with weights 1:4
+    # the fused scores are 3: 4.0, 2: 1.05, 1: 1.0 (with 1:2 it would be 3, 1, 2)
     dense = [(1, 0.80), (2, 0.78), (3, 0.70)]
     lexical_ = [(3, 20.0), (2, 5.0), (1, 4.0)]
-    assert [r for r, _ in fuse(dense, lexical_, FusionParams())] == [3, 1, 2]
+    assert FusionParams().w_lexical == 4.0
+    assert [r for r, _ in fuse(dense, lexical_, FusionParams())] == [3, 2, 1]
+    assert [r for r, _ in fuse(dense, lexical_, FusionParams(w_lexical=2.0))] == [3, 1, 2]

@@ -51,6 +51,26 @@ def read_jsonl(path: str | Path) -> Iterator[Document]:
     Blank lines are skipped. Missing ids become `<file stem>:<line number>`.
     """
     path = _require_file(path)
+    for lineno, obj in _jsonl_objects(path):
+        where = f"line {lineno}"
+        text = _opt_str(obj.get("text"), "text", path, where)
+        if not text:
+            raise InputError(f"{path}: line {lineno} has no 'text'")
+        doc_id = _opt_str(obj.get("id"), "id", path, where) or f"{path.stem}:{lineno}"
+        metadata = obj.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise InputError(f"{path}: line {lineno}: 'metadata' must be an object")
+        yield Document(
+            id=doc_id,
+            text=text,
+            source=_opt_str(obj.get("source"), "source", path, where) or path.name,
+            title=_opt_str(obj.get("title"), "title", path, where),
+            metadata=metadata,
+        )
+
+
+def _jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; strict UTF-8 and JSON, errors name the line."""
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -64,21 +84,7 @@ def read_jsonl(path: str | Path) -> Iterator[Document]:
                 raise InputError(f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise InputError(f"{path}: line {lineno} must be a JSON object")
-            where = f"line {lineno}"
-            text = _opt_str(obj.get("text"), "text", path, where)
-            if not text:
-                raise InputError(f"{path}: line {lineno} has no 'text'")
-            doc_id = _opt_str(obj.get("id"), "id", path, where) or f"{path.stem}:{lineno}"
-            metadata = obj.get("metadata") or {}
-            if not isinstance(metadata, dict):
-                raise InputError(f"{path}: line {lineno}: 'metadata' must be an object")
-            yield Document(
-                id=doc_id,
-                text=text,
-                source=_opt_str(obj.get("source"), "source", path, where) or path.name,
-                title=_opt_str(obj.get("title"), "title", path, where),
-                metadata=metadata,
-            )
+            yield lineno, obj
 
 
 def _read_text_strict(path: Path) -> str:
@@ -158,21 +164,8 @@ def read_image_captions(path: str | Path) -> Iterator[Document]:
     p = _require_file(path)
     base = p.parent
     if p.suffix.lower() in (".jsonl", ".ndjson"):
-        records = []
-        offset = 0
-        with open(p, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                line = _decode_line(raw, p, lineno, offset)
-                offset += len(raw)
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{p}: line {lineno} is not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise InputError(f"{p}: line {lineno} must be a JSON object")
-                records.append((lineno, {k: obj.get(k) for k in ("image", "caption", "id", "source", "title")}))
+        records = [(lineno, {k: obj.get(k) for k in ("image", "caption", "id", "source", "title")})
+                   for lineno, obj in _jsonl_objects(p)]
     elif p.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(_read_text_strict(p), newline=""))
         fields = [f.strip() for f in (reader.fieldnames or [])]

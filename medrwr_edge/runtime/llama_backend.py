@@ -291,13 +291,21 @@ class LlamaTextBackend:
         dropped = len(self._tokens) - n_keep
         if dropped == 0:
             return
-        self._ctx.remove_from(n_keep)
-        del self._tokens[n_keep:]
+        self._ctx.remove_from(self._cache_position(n_keep))
+        self._truncate(n_keep)
         self.stats.rolled_back_tokens += dropped
         self._logits_valid = False
         for length in [k for k in self._checkpoints if k > n_keep]:
             del self._checkpoints[length]
         self._state_logits = self._checkpoints.get(n_keep)
+
+    def _cache_position(self, n_keep: int) -> int:
+        """The KV-cache position where the token at index n_keep sits (text only: the same number)."""
+        return n_keep
+
+    def _truncate(self, n_keep: int) -> None:
+        """Drop per-token bookkeeping past n_keep (subclasses keep more than the token list)."""
+        del self._tokens[n_keep:]
 
     def save_state(self) -> bytes:
         """Snapshot the sequence (KV cache, token list, next-token logits) for restore_state()."""

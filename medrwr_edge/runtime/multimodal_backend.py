@@ -150,23 +150,15 @@ class QwenVLBackend(LlamaTextBackend):
 
     # ---- sequence edits ----------------------------------------------------------------------------------
 
-    def rollback(self, n_keep: int) -> None:
-        if not 0 <= n_keep <= len(self._tokens):
-            raise ValueError(f"rollback({n_keep}) outside the sequence of {len(self._tokens)} tokens")
-        dropped = len(self._tokens) - n_keep
-        if dropped == 0:
-            return
+    def _cache_position(self, n_keep: int) -> int:
         # All tokens of one image share their temporal position: a cut inside an image cannot be expressed as
         # "drop positions >= p" (llama.cpp's sequence removal), so it is refused rather than done wrongly.
         if 0 < n_keep and self._pos[n_keep] == self._pos[n_keep - 1]:
             raise ValueError(f"rollback({n_keep}) would cut an image in half")
-        self._ctx.remove_from(self._pos[n_keep])
+        return self._pos[n_keep]
+
+    def _truncate(self, n_keep: int) -> None:
         del self._tokens[n_keep:], self._pos[n_keep:], self._after[n_keep:]
-        self.stats.rolled_back_tokens += dropped
-        self._logits_valid = False
-        for length in [k for k in self._checkpoints if k > n_keep]:
-            del self._checkpoints[length]
-        self._state_logits = self._checkpoints.get(n_keep)
 
     def save_state(self) -> bytes:
         pos = np.asarray(self._pos, dtype="<i4").tobytes()

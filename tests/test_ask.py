@@ -4,53 +4,16 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from medrwr_edge.errors import InputError, MedrwrError, ModelError
 from medrwr_edge.paths import sha256_file
 from medrwr_edge.runtime.api import AskSettings, ask
-from medrwr_edge.runtime.backend import Generation, GeneratedToken
 from medrwr_edge.runtime.scripted_backend import ScriptedBackend
 
+from forcing import ForcedPasses
+
 OPTIONS = ["A. Pneumothorax", "B. Asthma", "C. Bronchiectasis", "D. Influenza"]
-
-
-class ForcedPasses:
-    """Wraps a real backend: for chosen passes, the given text is decoded through the real model (teacher
-    forcing) instead of sampled. SmolLM2-135M was never trained on the Med-RwR protocol, so this is how a test
-    makes a real model query or answer at a known point. A forced `<answer> X` gets the probability the real
-    model gives X after `<answer>` (read from its logits), which is exactly the loop's confidence."""
-
-    def __init__(self, backend, forced: dict[int, str]):
-        self.inner, self.forced, self.calls = backend, forced, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def generate(self, settings, stop, on_piece=None):
-        text = self.forced.get(self.calls)
-        self.calls += 1
-        if text is None:
-            return self.inner.generate(settings, stop, on_piece)
-        tokens = []
-        if "<answer>" in text:
-            head, answer = text.split("<answer>", 1)
-            head += "<answer>"
-            self.inner.append_text(head)
-            tokens.append(GeneratedToken(-1, head, 1.0))
-            logits = self.inner.last_logits().astype(np.float64)
-            first = answer.split("</answer>")[0].rstrip()
-            token_id = self.inner.tokenize(first)[0]
-            prob = float(np.exp(logits[token_id] - logits.max()) / np.exp(logits - logits.max()).sum())
-            self.inner.append_text(answer)
-            tokens.append(GeneratedToken(token_id, first, prob))
-            tokens.append(GeneratedToken(-1, answer[len(first):], 1.0))
-        else:
-            self.inner.append_text(text)
-            tokens.append(GeneratedToken(-1, text, 1.0))
-        stop_string = next((s for s in stop if text.endswith(s)), None)
-        return Generation(text, tokens, "stop" if stop_string else "eos", stop_string)
 
 
 def _real_backend(gguf, **kw):

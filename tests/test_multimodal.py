@@ -17,6 +17,7 @@ from fixtures_qwen import (
     tiny_torch_model,
     tiny_vision_onnx,
 )
+from forcing import ForcedPasses
 from medrwr_edge.errors import IntegrityError, ModelError
 from medrwr_edge.runtime.backend import GeneratedToken, Generation, ImageInput, SamplingSettings
 from medrwr_edge.runtime.vision import VisionSpec, mrope_positions
@@ -125,29 +126,6 @@ def test_text_only_gguf_is_refused_as_vision_decoder(smoke_gguf):
 # ------------------------------------------------------------------------------------------ the bundle
 
 
-class _Forced:
-    """Decode given text as if the model wrote it on chosen passes (the random tiny model knows no protocol)."""
-
-    def __init__(self, backend, forced: dict[int, str]):
-        self.inner, self.forced, self.calls = backend, forced, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def generate(self, settings, stop, on_piece=None):
-        text = self.forced.get(self.calls)
-        self.calls += 1
-        if text is None:
-            return self.inner.generate(settings, stop, on_piece)
-        self.inner.append_text(text)
-        stop_hit = next((s for s in stop if text.endswith(s)), None)
-        if stop_hit:
-            return Generation(text, [GeneratedToken(-1, text, 1.0)], "stop", stop_hit)
-        rest = self.inner.generate(settings, stop, on_piece)
-        return Generation(text + rest.text, [GeneratedToken(-1, text, 1.0)] + rest.tokens, rest.stop_reason,
-                          rest.stop_string)
-
-
 @pytest.mark.slow
 def test_med_rwr_loop_runs_unchanged_on_the_bundle(small_icd_pack, ct_png):
     from medrwr_edge.runtime.api import ask
@@ -155,7 +133,7 @@ def test_med_rwr_loop_runs_unchanged_on_the_bundle(small_icd_pack, ct_png):
 
     be = load_bundle(tiny_bundle(), n_ctx=4096)
     assert be.info.has_vision and be.info.name == "llama.cpp+onnx-vision"
-    forced = _Forced(be, {0: "<think> air in the pleural space </think>\n<query> pneumothorax </query>",
+    forced = ForcedPasses(be, {0: "<think> air in the pleural space </think>\n<query> pneumothorax </query>",
                           1: " </think>\n<answer>"})
     rec = ask([ct_png, ct_png], "Which diagnosis fits the image?", ["A. Pneumothorax", "B. Asthma"],
               packs=[small_icd_pack], backend=forced, max_tokens=8, cdir=False)
@@ -170,7 +148,7 @@ def test_med_rwr_loop_runs_unchanged_on_the_bundle(small_icd_pack, ct_png):
     be.close()
 
 
-class _ForcedLetter(_Forced):
+class _ForcedLetter(ForcedPasses):
     """Every pass answers with option A, carrying the probability the real (vision) model gives "A" there."""
 
     def generate(self, settings, stop, on_piece=None):

@@ -291,7 +291,8 @@ def test_real_model_replay_through_retrieval(smoke_gguf, small_icd_pack, small_i
     writes the CDIR pass itself; a second run with the same forcing is identical token for token. (Divergence on
     the real model: test_real_model_replay_is_identical; located divergences: the scripted tests above.)"""
     from medrwr_edge.runtime.api import ask
-    from test_ask import ForcedPasses, _real_backend
+    from forcing import ForcedPasses
+    from test_ask import _real_backend
 
     forced = {0: "<think> Air in the pleural space? </think>\n<query> \"pneumothorax\" </query>",
               1: " The retrieved entries describe it. </think>\n<answer> A </answer>"}

@@ -13,6 +13,7 @@ import simple_icd_10_cm as icd  # noqa: E402
 
 from medrwr_edge.errors import IntegrityError  # noqa: E402
 from medrwr_edge.eval import icd10_mcq as gen  # noqa: E402
+from medrwr_edge.eval.datasets import item_set_sha256  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_builtin_set_matches_the_committed_manifest(builtin):
     manifest = gen.committed_manifest()
     assert manifest["schema"] == gen.MANIFEST_SCHEMA and manifest["count"] == len(builtin) == 300
     assert [[i.id, i.content_sha256()] for i in builtin] == manifest["items"]
-    assert gen.set_sha256(builtin) == manifest["set_sha256"]
+    assert item_set_sha256(builtin) == manifest["set_sha256"]
 
 
 def test_a_changed_item_is_caught_by_the_manifest(builtin):

@@ -50,7 +50,7 @@ def load_items(dataset: str, layout: str = "auto", on_error: str = "skip", limit
     if dataset == "builtin:images":
         from ..paths import data_dir
         from .image_mcq import image_mcq_items
-        from .runner import item_set_sha256
+        from .datasets import item_set_sha256
 
         items = image_mcq_items(data_dir() / "eval" / "image-mcq")
         items = items[:limit] if limit else items

@@ -77,6 +77,14 @@ class EvalItem:
         return d
 
 
+def item_set_sha256(items) -> str:
+    """One hash for an ordered set of items (ids + contents): what manifests and run headers pin."""
+    h = hashlib.sha256()
+    for item in items:
+        h.update(f"{item.id} {item.content_sha256()}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
 @dataclass
 class LoadedDataset:
     path: Path

@@ -20,7 +20,6 @@ every item's answer is in that pack: retrieval can help, which is what the bench
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -29,7 +28,7 @@ from typing import Iterable, Optional
 
 from ..errors import InputError, IntegrityError
 from ..kb_pack.icd10 import DEFAULT_PACK_CHAPTER19_CATEGORIES, DEFAULT_PACK_CHAPTERS, _icd
-from .datasets import EvalItem
+from .datasets import EvalItem, item_set_sha256
 
 GENERATOR_VERSION = 1
 DEFAULT_SEED = 20251125
@@ -209,13 +208,6 @@ def check_unambiguous(item: EvalItem) -> list[str]:
 # ------------------------------------------------------------------ manifest
 
 
-def set_sha256(items: list[EvalItem]) -> str:
-    h = hashlib.sha256()
-    for item in items:
-        h.update(f"{item.id} {item.content_sha256()}\n".encode("utf-8"))
-    return h.hexdigest()
-
-
 def manifest_for(items: list[EvalItem], seed: int, chapters: Iterable[int]) -> dict:
     return {
         "schema": MANIFEST_SCHEMA,
@@ -224,7 +216,7 @@ def manifest_for(items: list[EvalItem], seed: int, chapters: Iterable[int]) -> d
         "seed": seed,
         "count": len(items),
         "chapters": sorted(set(chapters)),
-        "set_sha256": set_sha256(items),
+        "set_sha256": item_set_sha256(items),
         "items": [[item.id, item.content_sha256()] for item in items],
     }
 

@@ -22,7 +22,6 @@ Accuracy comes with a Wilson score 95% interval. Between modes, paired counts on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,7 +32,7 @@ from typing import Callable, Optional, Sequence
 from ..errors import InputError, MedrwrError
 from ..paths import atomic_write_text
 from ..runtime.protocol import answer_letter
-from .datasets import EvalItem
+from .datasets import EvalItem, item_set_sha256
 from .scoring import LlmJudge, option_from_text, score_open
 
 MODES: dict[str, dict] = {
@@ -58,13 +57,6 @@ def parse_modes(text: str | Sequence[str]) -> list[str]:
     if len(set(names)) != len(names):
         raise InputError("--modes lists a mode twice")
     return names
-
-
-def item_set_sha256(items: Sequence[EvalItem]) -> str:
-    h = hashlib.sha256()
-    for item in items:
-        h.update(f"{item.id} {item.content_sha256()}\n".encode("utf-8"))
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------ the JSONL journal

@@ -88,7 +88,6 @@ class MedRwRLoop:
     ) -> EvidenceRecord:
         cfg, be = self.config, self.backend
         emit = on_event or (lambda kind, payload: None)
-        self._notes = record.notes
         t_start = time.perf_counter()
         vision = be.info.has_vision
         open_ended = not options
@@ -116,8 +115,6 @@ class MedRwRLoop:
         turn = ""  # the assistant turn so far, exactly as it sits in the KV cache
         answer_pass_start = (be.n_tokens(), 0)  # (cache length, len(turn)) where the answering pass began
         answer: Optional[Answer] = None
-        letters = [o.letter for o in options]
-        self._options = list(options)
 
         for pass_index in range(cfg.max_passes):
             answer_pass_start = (be.n_tokens(), len(turn))
@@ -146,7 +143,7 @@ class MedRwRLoop:
                 continue
 
             # The pass ended with an answer, end of turn, or a limit: this is the answering pass.
-            answer = self._read_answer(gen, pass_index, letters)
+            answer = self._read_answer(gen, pass_index, options, record.notes)
             think_text = gen.text.split(P.ANSWER_OPEN)[0].strip()
             if think_text:
                 record.steps.append(Think(think_text, pass_index))
@@ -158,7 +155,7 @@ class MedRwRLoop:
 
         if answer is not None and self._cdir_due(answer, open_ended, images):
             current = next((im for im in images if im.role == "current"), images[-1])
-            turn = self._cdir(record, answer, answer_pass_start, turn, current, letters, emit)
+            turn = self._cdir(record, answer, answer_pass_start, turn, current, options, emit)
 
         final = next((s for s in reversed(record.steps) if isinstance(s, Answer)), None)
         cdir = record.cdir()
@@ -231,15 +228,16 @@ class MedRwRLoop:
             block = P.retrieve_block([d.snippet for d in docs])
         return block, truncated
 
-    def _read_answer(self, gen: Generation, pass_index: int, letters: list[str]) -> Answer:
+    def _read_answer(self, gen: Generation, pass_index: int, options: Sequence[P.Option], notes: list[str]) -> Answer:
         text = P.parse_answer(gen.text)
+        letters = [o.letter for o in options]
         letter = P.answer_letter(text, letters) if letters else None
         if letters and letter is None:
-            letter = P.letter_from_option_text(text, self._options)
+            letter = P.letter_from_option_text(text, options)
             note = (f"the answer {text!r} repeats option {letter}'s text; read as {letter} "
                     "(the paper reads only a leading letter)")
-            if letter is not None and note not in self._notes:
-                self._notes.append(note)
+            if letter is not None and note not in notes:
+                notes.append(note)
         conf, conf_token, kind = None, None, "none"
         start = gen.text.rfind(P.ANSWER_OPEN)
         if text is not None and start >= 0:
@@ -273,7 +271,7 @@ class MedRwRLoop:
         answer_pass_start: tuple[int, int],
         turn: str,
         image: ImageInput,
-        letters: list[str],
+        options: Sequence[P.Option],
         emit: EventSink,
     ) -> str:
         be, cfg = self.backend, self.config
@@ -313,7 +311,7 @@ class MedRwRLoop:
         if gen.stop_string == P.QUERY_CLOSE:
             record.notes.append("CDIR regeneration asked another query; it was not served and the first answer stands")
         else:
-            second = self._read_answer(gen, pass_index, letters)
+            second = self._read_answer(gen, pass_index, options, record.notes)
             if second.text is not None:
                 record.steps.append(second)
                 step.answer_after, step.confidence_after = second.text, second.confidence

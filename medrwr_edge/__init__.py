@@ -6,7 +6,7 @@ until they are needed) and never pulls in torch or transformers.
 
 __version__ = "0.1.0"
 
-__all__ = ["ask", "Session", "Pack", "__version__"]
+__all__ = ["ask", "Session", "Chat", "Pack", "__version__"]
 
 
 def __getattr__(name):
@@ -18,6 +18,10 @@ def __getattr__(name):
         from .runtime.api import Session
 
         return Session
+    if name == "Chat":
+        from .runtime.chat import Chat
+
+        return Chat
     if name == "Pack":
         from .kb_pack.pack import Pack
 

@@ -308,3 +308,42 @@ def _transfer_syntax_name(ds) -> str:
 def _is_missing_handler(error: Exception) -> bool:
     text = str(error).lower()
     return any(w in text for w in ("no pixel data handler", "unable to decode", "plugin", "missing required", "not installed", "no decoders", "is not supported"))
+
+
+# ---------------------------------------------------------------- facts used to label and compare studies
+
+
+def study_date_iso(meta: dict) -> Optional[str]:
+    """The allow-listed DICOM StudyDate ("YYYYMMDD", DA) as "YYYY-MM-DD"; None when absent or not a real date.
+
+    Only this allow-listed date is ever used to label a study; nothing else in a header is read for it."""
+    import datetime as _dt
+
+    raw = str(meta.get("study_date") or "").strip().replace("-", "").replace(".", "")  # ACR-NEMA wrote 2004.01.19
+    if len(raw) != 8 or not raw.isdigit():
+        return None
+    try:
+        return _dt.date(int(raw[:4]), int(raw[4:6]), int(raw[6:])).isoformat()
+    except ValueError:
+        return None
+
+
+# DICOM Modality codes that are the same kind of study for comparing a prior with a current image.
+_MODALITY_FAMILY = {"CR": "XR", "DX": "XR", "DR": "XR", "RG": "XR", "PX": "XR", "IO": "XR"}
+# Codes that say nothing about what was imaged (secondary capture, other): treated as unknown.
+_UNINFORMATIVE_MODALITIES = {"", "OT", "SC", "DOC"}
+
+
+def image_modality(image: LoadedImage) -> tuple[Optional[str], str]:
+    """(DICOM modality family or None, "greyscale" | "colour") of a loaded image.
+
+    The modality comes only from the allow-listed DICOM Modality tag (CR/DX/DR are all radiographs, "XR");
+    for other files it is unknown and only the colour kind, read from the pixels, is available."""
+    code = str(image.meta.get("modality") or "").strip().upper()
+    family = None if code in _UNINFORMATIVE_MODALITIES else _MODALITY_FAMILY.get(code, code)
+    px = image.pixels
+    step = max(1, int(max(px.shape[0], px.shape[1]) // 256))  # a subsample is enough to tell grey from colour
+    sample = px[::step, ::step].astype(np.int16)
+    spread = np.maximum(np.abs(sample[..., 0] - sample[..., 1]), np.abs(sample[..., 1] - sample[..., 2]))
+    grey = bool(np.percentile(spread, 99) <= 6)  # JPEG chroma noise on a grey image stays within a few levels
+    return family, "greyscale" if grey else "colour"

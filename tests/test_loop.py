@@ -198,3 +198,15 @@ def test_answer_repeating_an_option_text_is_read_as_that_letter_and_noted():
     assert any("repeats option B" in n for n in rec.notes)
     rec, *_ = run(["<answer> something else </answer>"])
     assert rec.letter is None
+
+
+def test_fit_block_always_terminates_and_drops_what_cannot_fit():
+    """A 9–11-word document used to be 'shortened' to 8 words + '…' = 9 words forever when the budget was tight."""
+    backend = ScriptedBackend([], n_ctx=600)
+    loop = MedRwRLoop(backend, config=LoopConfig(generation_reserve_tokens=585))  # 15 tokens of room
+    docs = [RetrievedDoc("p", "1", f"d{n}", 1.0, " ".join(f"w{i}" for i in range(n))) for n in (9, 10, 11, 12, 40)]
+    block, truncated = loop._fit_block(docs)
+    assert truncated
+    assert len(backend.tokenize("\n" + block)) <= 15 or not docs
+    for d in docs:  # whatever survived really was cut to fit, never lengthened
+        assert len(d.snippet.split()) <= 40

@@ -36,7 +36,13 @@ def test_schemas_are_valid_draft_2020_12_and_ship_with_the_package():
 
 
 # Fields added after the first release of schema version 1: documented, but optional (older records lack them).
-ADDED_WITHIN_VERSION_1 = {"settings": {"prefix_cache", "n_threads"}}
+ADDED_WITHIN_VERSION_1 = {
+    "settings": {"prefix_cache", "n_threads", "top_k_diagnoses", "cdir_open_ended", "allow_mixed_modalities",
+                 "images_are_studies"},
+    "": {"answer_kind", "differential"},
+    "answer": {"answer_kind", "differential"},
+    "cdir": {"references"},
+}
 
 
 def _props(schema: dict, ref: str) -> dict:
@@ -91,6 +97,28 @@ def test_records_of_every_shape_validate(name, evidence_packs, fake_encoders, in
     json.loads(json.dumps(d))  # plain JSON
     # reading it back gives the same record
     assert record_from_dict(d).to_dict() == d
+
+
+def test_multi_image_differential_and_untagged_records_validate(evidence_packs, fake_encoders, input_png, tmp_path,
+                                                              medrwr_home):
+    from evidence_helpers import _png
+
+    text_pack, image_pack, _ = evidence_packs
+    prior = _png(tmp_path / "prior.png", (60, 190, 60), size=(100, 90), pattern=2)
+    two = run_scripted(text_pack, image_pack, [prior, input_png])  # CDIR looks up both studies (text model)
+    assert [im["role"] for im in two.images] == ["prior", "current"] and len(two.cdir().references) == 2
+    differential = run_scripted(text_pack, None, None, options=[], top_k_diagnoses=2,
+                                outputs=["<answer> 1. Pneumothorax\n2. Atelectasis </answer>"])
+    assert differential.differential == ["Pneumothorax", "Atelectasis"]
+    untagged = run_scripted(text_pack, None, None, outputs=["B. Asthma"])
+    assert (untagged.answer_kind, untagged.letter) == ("untagged", "B")
+    for rec in (two, differential, untagged):
+        d = rec.to_dict()
+        assert_valid(d)
+        assert record_from_dict(d).to_dict() == d
+    d = two.to_dict()
+    d["images"][0]["study_date"] = "01/02/2023"  # not ISO
+    assert not validator().is_valid(d)
 
 
 def test_validation_can_fail(evidence_packs, fake_encoders, input_png, medrwr_home):

@@ -109,6 +109,8 @@ def replay_command(
                                          "recorded path)"),
     pack: Optional[List[str]] = typer.Option(None, "--pack", "-p", help="NAME=PATH: where a recorded pack is now"),
     as_json: bool = typer.Option(False, "--json", help="print the replay result as JSON"),
+    history: Optional[str] = typer.Option(None, "--history", help="the patient key, when the answer searched a "
+                                          "patient history (medrwr-edge history)"),
 ) -> None:
     from .replay import load_source, replay
 
@@ -119,7 +121,7 @@ def replay_command(
             raise InputError(f"--pack {item}: give NAME=PATH (the pack's name as recorded, and its location)")
         overrides[name] = path
     data, label = load_source(record)
-    result = replay(data, image or [], model=model, packs=overrides, source=label)
+    result = replay(data, image or [], model=model, packs=overrides, source=label, history=history)
     if as_json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
     else:

@@ -10,7 +10,8 @@ newer medrwr-edge is refused rather than damaged.
 
 Privacy: the log stores the question, the answer, the reasoning and the hashes of the input images. It never stores
 pixels or patient identifiers: image entries keep the sha256, size, format and an allow-list of technical DICOM
-facts; a DICOM study date is cut to its year (HIPAA Safe Harbor treats full dates as identifiers).
+facts; a DICOM study date is cut to its year, in the image entries and in every text (prompt labels, reasoning)
+(HIPAA Safe Harbor treats full dates as identifiers).
 Logging is off with `MEDRWR_EDGE_NO_LOG=1` or a command's `--no-log`.
 """
 
@@ -125,9 +126,41 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
 # ------------------------------------------------------------------------------------------------ privacy
 
 
+def scrub_study_dates(data: dict) -> dict:
+    """`data` with each input image's full study date cut to its year in every text the model saw or wrote.
+
+    With priors the prompt labels each study with its date ("Prior study (2023-04-01):") and the reasoning may echo
+    it; the record keeps those (the model needs the interval), the log keeps only the year. Replay of a logged
+    answer applies the same cut to the new run before comparing. Timestamps of the run itself are left alone."""
+    from ..imaging import study_date_iso
+
+    dates = set()
+    for im in data.get("images") or []:
+        date = im.get("study_date") or study_date_iso(im.get("meta") or {})
+        if date:
+            dates.update({date, date.replace("-", "")})  # ISO as labelled, and DICOM's YYYYMMDD if echoed
+    if not dates:
+        return data
+
+    def cut(value):
+        if isinstance(value, str):
+            for date in sorted(dates, key=len, reverse=True):
+                value = value.replace(date, date[:4])
+            return value
+        if isinstance(value, list):
+            return [cut(v) for v in value]
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        return value
+
+    return {k: (v if k in ("images", "created", "timings", "settings", "model", "packs") else cut(v))
+            for k, v in data.items()}
+
+
 def scrub_record(record: Union[EvidenceRecord, dict]) -> dict:
-    """The record as logged: image entries reduced to hashes, size, format and technical meta."""
-    data = as_dict(record)
+    """The record as logged: image entries reduced to hashes, size, format and technical meta; study dates cut to
+    the year everywhere."""
+    data = scrub_study_dates(as_dict(record))
     images = []
     for im in data.get("images") or []:
         meta = im.get("meta") or {}
@@ -295,3 +328,39 @@ def read_logged_record(log_id: int, path: Optional[Union[str, os.PathLike]] = No
         raise InputError(f"no answer log yet at {p}, so there is no log id {log_id}")
     with AnswerLog(p) as log:
         return log.record(log_id)
+
+
+def purge_history_entries(history_id: str, path: Optional[Union[str, os.PathLike]] = None) -> int:
+    """Delete every logged answer whose record searched patient history `history_id`; returns how many.
+
+    Used by `medrwr-edge history delete` only. An answer that used a history names it in its record's packs list
+    (role "patient-history", the opaque "history_id"); its reasoning may quote the history, so the whole entry
+    goes. `secure_delete` overwrites the freed pages and the WAL is checkpointed and truncated, so the text does
+    not linger in the database files either.
+    """
+    p = Path(path) if path is not None else log_path()
+    if not history_id or not p.exists():
+        return 0
+    with AnswerLog(p) as log:
+        conn = log.conn
+        try:
+            conn.execute("PRAGMA secure_delete = ON")
+            conn.execute("BEGIN IMMEDIATE")
+            doomed = []
+            for row_id, record_json in conn.execute(
+                    "SELECT id, record_json FROM answers WHERE instr(record_json, ?) > 0", (history_id,)):
+                try:
+                    packs = json.loads(record_json).get("packs") or []
+                except (ValueError, AttributeError):
+                    doomed.append(row_id)  # unreadable, yet it names the history: remove rather than keep
+                    continue
+                if any(isinstance(pk, dict) and pk.get("history_id") == history_id for pk in packs):
+                    doomed.append(row_id)
+            conn.executemany("DELETE FROM answers WHERE id = ?", [(i,) for i in doomed])
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise MedrwrError(f"cannot remove the history's answers from the answer log {p}: {e}") from None
+    return len(doomed)

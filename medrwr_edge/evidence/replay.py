@@ -112,6 +112,8 @@ def verify_packs(rec: EvidenceRecord, overrides: Optional[dict[str, PathLike]] =
     lines = []
     mode = rec.settings.get("search_mode")
     for entry in rec.packs:
+        if entry.get("role") == "patient-history":
+            continue  # checked by verify_history: it is opened by the patient's key, not a path
         name = str(entry.get("name", ""))
         path = Path(overrides.pop(name)) if name in overrides else Path(str(entry.get("path", "")))
         if not str(path) or not path.exists():
@@ -145,6 +147,22 @@ def verify_packs(rec: EvidenceRecord, overrides: Optional[dict[str, PathLike]] =
     return text_paths, image_path, lines
 
 
+def verify_history(rec: EvidenceRecord, history: Optional[str]) -> list[str]:
+    """The patient history the record searched must open with `history` (the key) in the same state."""
+    entries = [e for e in rec.packs if e.get("role") == "patient-history"]
+    if not entries:
+        if history is not None:
+            raise InputError("--history: the record searched no patient history")
+        return []
+    if history is None:
+        raise InputError("this answer searched a patient history: give the patient's key with --history KEY")
+    from ..history.store import open_history_for_record
+
+    pack, record = open_history_for_record(history, entries[0])
+    pack.close()
+    return [f"patient history {str(record['history_id'])[:12]}… revision {record['version']} matches the record"]
+
+
 def verify_images(rec: EvidenceRecord, images: Sequence[PathLike]) -> list[str]:
     if len(images) != len(rec.images):
         if rec.images and not images:
@@ -176,6 +194,7 @@ def replay(
     packs: Optional[dict[str, PathLike]] = None,
     backend=None,
     source: str = "record",
+    history: Optional[str] = None,
 ) -> ReplayResult:
     """Verify the record's model, packs and images, answer again with its settings, and compare."""
     from ..runtime.api import AskSettings, Session
@@ -193,6 +212,7 @@ def replay(
     verified.insert(0, line)
     text_paths, image_pack, pack_lines = verify_packs(rec, packs)
     verified += pack_lines
+    verified += verify_history(rec, history)
 
     notes = []
     if settings.temperature > 0:
@@ -200,10 +220,14 @@ def replay(
     options = [f"{o['letter']}. {o['text']}" for o in rec.options]
     # image_pack=False: the original run had no image pack, so the installed default must not be picked up.
     with Session(packs=[str(p) for p in text_paths], image_pack=image_pack if image_pack is not None else False,
-                 model=model_path, settings=settings, backend=backend) as session:
+                 model=model_path, settings=settings, backend=backend, history=history) as session:
         again = session.ask([Path(p) for p in images] or None, rec.question, options or None)
 
-    identical, divergence, differences = compare(rec, again)
+    # A logged record has its study dates cut to the year (evidence/log.py): cut the new run's the same way.
+    from .log import scrub_study_dates
+
+    identical, divergence, differences = compare(record_from_dict(scrub_study_dates(rec.to_dict())),
+                                                 record_from_dict(scrub_study_dates(again.to_dict())))
     for key in ("backend", "device"):
         if rec.model.get(key) != again.model.get(key):
             notes.append(f"model {key} was {rec.model.get(key)}, now {again.model.get(key)}")

@@ -124,10 +124,26 @@ def _input_thumbnails(rec: EvidenceRecord, paths: Sequence[PathLike]) -> list[Th
     out = []
     for i, im in enumerate(rec.images):
         sha = str(im.get("sha256", ""))
-        label = f"{'Current' if im.get('role') == 'current' else 'Prior'} image {i + 1}"
+        label = study_label(rec.images, i)
         out.append(Thumbnail(by_hash.get(sha), sha, label,
                              "" if sha in by_hash else "not shown: give the image file with --image to include it"))
     return out
+
+
+def study_label(images: Sequence[dict], i: int) -> str:
+    """'Current study', 'Prior study 2 (2023-04-01)': the names the prompt gave the studies (protocol.study_labels),
+    from the record's role and allow-listed StudyDate. Records made before roles were dated still read well."""
+    im = images[i]
+    if im.get("role") == "image":
+        return f"Image {i + 1}"
+    n_priors = sum(1 for x in images if x.get("role") == "prior")
+    if im.get("role") == "prior":
+        k = sum(1 for x in images[: i + 1] if x.get("role") == "prior")
+        name = f"Prior study {k}" if n_priors > 1 else "Prior study"
+    else:
+        name = "Current study"
+    date = im.get("study_date")
+    return f"{name} ({date})" if date else name
 
 
 def _reference_thumbnail(rec: EvidenceRecord, cdir: CdirRetrieve, image_pack: Optional[PathLike]) -> Thumbnail:
@@ -267,7 +283,8 @@ def _inputs_section(rec: EvidenceRecord, thumbs: list[Thumbnail]) -> str:
         for key in ("modality", "body_part", "view_position", "laterality"):
             if meta.get(key):
                 facts.append(f"{e(key.replace('_', ' '))}: {e(meta[key])}")
-        figs.append(thumb.figure("input", "<br>" + " · ".join(facts)))
+        role = "prior" if im.get("role") == "prior" else "current"
+        figs.append(thumb.figure(f"input {role}", "<br>" + " · ".join(facts)))
     return f'<section id="inputs"><h2>Input images</h2><div class="figures">{"".join(figs)}</div></section>'
 
 

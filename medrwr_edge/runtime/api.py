@@ -42,6 +42,12 @@ class AskSettings:
     gpu_layers: int = 0
     prefix_cache: bool = True  # keep the system prompt's KV state on disk: faster first token, same output
     n_threads: Optional[int] = None  # llama.cpp threads (None: physical cores); 1 is far faster on a busy CPU
+    top_k_diagnoses: Optional[int] = None  # open-ended: ask for a ranked differential of N (1..10) diagnoses
+    cdir_open_ended: bool = False  # CDIR on open-ended answers (their mean token probability); off by default
+    allow_mixed_modalities: bool = False  # accept a prior of another modality than the current image
+    # Several images are a patient's studies (priors + current: dated labels, one modality). False: independent
+    # figures of one question (MMMU's <image 1>, <image 2>): labelled "Image 1:", ..., no order or modality rules.
+    images_are_studies: bool = True
 
     def loop_config(self) -> LoopConfig:
         return LoopConfig(
@@ -50,6 +56,8 @@ class AskSettings:
             retrieval=self.retrieval,
             cdir=self.cdir,
             cdir_threshold=self.cdir_threshold,
+            cdir_open_ended=self.cdir_open_ended,
+            top_k_diagnoses=self.top_k_diagnoses,
             sampling=SamplingSettings(self.temperature, self.top_p, self.top_k_sampling, self.seed, self.max_tokens),
             generation_reserve_tokens=min(self.max_tokens, 512),
         )
@@ -69,11 +77,22 @@ class Session:
         model: Optional[PathLike] = None,
         settings: Optional[AskSettings] = None,
         backend=None,
+        history: Optional[str] = None,
     ):
         self.settings = settings or AskSettings()
         _check_settings(self.settings)
         t0 = time.perf_counter()
         self.text_packs, self.image_pack, self.pack_records = _open_packs(packs, image_pack, self.settings)
+        self.history_pack = None  # a patient's history (history/store.py), searched beside the text packs
+        if history is not None:
+            try:
+                from ..history.store import open_history_pack
+
+                self.history_pack, history_record = open_history_pack(history)
+            except BaseException:
+                self._close_packs()
+                raise
+            self.pack_records.insert(len(self.text_packs), history_record)
         self._owns_backend = backend is None
         try:
             self.backend = backend if backend is not None else load_backend(model, self.settings)
@@ -95,14 +114,15 @@ class Session:
         question = _check_question(question)
         opts = parse_options(options or [])
         t0 = time.perf_counter()
-        prepared = image if isinstance(image, PreparedImages) else PreparedImages.load(image)
+        prepared = (image if isinstance(image, PreparedImages)
+                    else PreparedImages.load(image, settings.allow_mixed_modalities, settings.images_are_studies))
         images, image_records = prepared.images, prepared.records
 
-        from .retrieval import PackImageRetriever, PackTextRetriever
+        from .retrieval import PackImageRetriever
 
         loop = MedRwRLoop(
             self.backend,
-            PackTextRetriever(self.text_packs, settings.search_mode) if self.text_packs else None,
+            self._text_retriever(settings),
             PackImageRetriever(self.image_pack) if self.image_pack is not None and settings.cdir else None,
             settings.loop_config(),
         )
@@ -117,11 +137,9 @@ class Session:
             medrwr_edge_version=__version__,
         )
         record.notes.extend(self.backend.info.notes)
-        if not opts:
-            record.notes.append(
-                "open-ended question (no options): the answer is free text; confidence is the mean token "
-                "probability of the answer, not comparable to the letter confidence; CDIR is off for open answers"
-            )
+        record.notes.extend(prepared.notes)
+        if self.history_pack is not None and not settings.retrieval:
+            record.notes.append("the patient history was opened but not searched: retrieval is off (--no-retrieval)")
         if settings.cdir and images and self.image_pack is None:
             record.notes.append("CDIR unavailable: no image pack installed or given")
         loop.run(record, question, opts, images, on_event)
@@ -129,9 +147,21 @@ class Session:
         record.timings["total"] = round(time.perf_counter() - t0, 4)
         return record
 
+    def _text_retriever(self, settings: AskSettings):
+        from .retrieval import PackTextRetriever
+
+        knowledge = PackTextRetriever(self.text_packs, settings.search_mode) if self.text_packs else None
+        if self.history_pack is None:
+            return knowledge
+        from ..history.retrieval import HistoryAwareRetriever
+
+        return HistoryAwareRetriever(knowledge, self.history_pack, settings.search_mode)
+
     def _close_packs(self) -> None:
         for p in self.text_packs + ([self.image_pack] if self.image_pack is not None else []):
             p.close()
+        if getattr(self, "history_pack", None) is not None:
+            self.history_pack.close()
 
     def close(self) -> None:
         self._close_packs()
@@ -156,6 +186,7 @@ def ask(
     settings: Optional[AskSettings] = None,
     on_event: Optional[EventSink] = None,
     backend=None,
+    history: Optional[str] = None,
     **overrides,
 ) -> EvidenceRecord:
     """Answer `question` about `image` with Med-RwR reasoning-with-retrieval; return the evidence record.
@@ -164,13 +195,15 @@ def ask(
     image_pack: the CDIR reference image pack; None: the default reference images (if installed); False: none.
     model: a GGUF file, an installed model name, or None for the default model.
     overrides: any AskSettings field (e.g. seed=1, cdir=False).
+    history: a patient key: that patient's history (`medrwr-edge history add`) is searched beside the packs.
     """
     settings = _with_overrides(settings or AskSettings(), overrides)
     # Fail on bad input before loading anything heavy.
     question = _check_question(question)
     parse_options(options or [])
-    prepared = PreparedImages.load(image)
-    with Session(packs=packs, image_pack=image_pack, model=model, settings=settings, backend=backend) as session:
+    prepared = PreparedImages.load(image, settings.allow_mixed_modalities, settings.images_are_studies)
+    with Session(packs=packs, image_pack=image_pack, model=model, settings=settings, backend=backend,
+                 history=history) as session:
         return session.ask(prepared, question, options, on_event)
 
 
@@ -196,6 +229,8 @@ def _check_settings(s: AskSettings) -> None:
         raise InputError(f"context size {s.n_ctx} is too small (at least 512)")
     if s.n_threads is not None and s.n_threads < 1:
         raise InputError("the thread count must be at least 1")
+    if s.top_k_diagnoses is not None and not (isinstance(s.top_k_diagnoses, int) and 1 <= s.top_k_diagnoses <= 10):
+        raise InputError(f"--top-k-diagnoses must be between 1 and 10 (got {s.top_k_diagnoses})")
 
 
 def _check_question(question) -> str:
@@ -219,32 +254,20 @@ def _check_question(question) -> str:
 class PreparedImages:
     """Input images decoded once: pixels for the model/encoders, non-identifying facts for the record.
 
-    With several images, the last is the current study and the others are priors (in the order given)."""
+    With several images, the last is the current study and the others are priors, oldest first
+    (runtime/studies.py: sorted by StudyDate when every prior has one, else in the order given)."""
 
     images: list[ImageInput] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def load(cls, image: Union[None, PathLike, Sequence[PathLike]]) -> "PreparedImages":
+    def load(cls, image: Union[None, PathLike, Sequence[PathLike]],
+             allow_mixed_modalities: bool = False, images_are_studies: bool = True) -> "PreparedImages":
         paths = [] if image is None else [image] if isinstance(image, (str, os.PathLike)) else list(image)
-        prepared = cls()
-        if not paths:
-            return prepared
-        from ..imaging import load_image
+        from .studies import prepare_studies
 
-        for i, path in enumerate(paths):
-            loaded = load_image(path)
-            role = "current" if i == len(paths) - 1 else "prior"
-            prepared.images.append(ImageInput(loaded.pixels, loaded.sha256, role))
-            prepared.records.append({
-                "sha256": loaded.sha256,
-                "role": role,
-                "format": loaded.format,
-                "width": loaded.width,
-                "height": loaded.height,
-                "meta": dict(loaded.meta),  # imaging keeps an allow-list of non-identifying tags only
-            })
-        return prepared
+        return cls(*prepare_studies(paths, allow_mixed_modalities, images_are_studies))
 
 
 def _open_packs(packs, image_pack, settings: AskSettings):

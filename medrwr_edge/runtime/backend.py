@@ -26,7 +26,8 @@ class ImageInput:
 
     pixels: object
     sha256: str
-    role: str = "current"  # "current", "prior", "reference" (CDIR)
+    role: str = "current"  # "current", "prior", "image" (one of independent figures), "reference" (CDIR)
+    study_date: Optional[str] = None  # ISO date from the DICOM StudyDate (allow-listed), for the prompt's labels
 
 
 # A prompt is text and images in order, already rendered in the model's chat format.

@@ -16,8 +16,9 @@ def register(app: typer.Typer) -> None:
 
 ASK_HELP = """Answer a question about a medical image with reasoning-with-retrieval.
 
-IMAGE is a PNG/JPEG or DICOM file ('-' for a text-only question). Give options with -o "A. ..." -o "B. ..."
-(without options the question is answered open-ended)."""
+IMAGE is a PNG/JPEG or DICOM file ('-' for a text-only question); add earlier studies with --prior FILE (IMAGE is
+then the current study). Give options with -o "A. ..." -o "B. ..." (without options the question is answered
+open-ended; --top-k-diagnoses N asks for a ranked differential)."""
 
 
 def ask_command(
@@ -40,16 +41,36 @@ def ask_command(
     as_json: bool = typer.Option(False, "--json", help="print the evidence record as JSON"),
     report: Optional[Path] = typer.Option(None, "--report", help="also write a self-contained HTML report here"),
     no_log: bool = typer.Option(False, "--no-log", help="do not append this answer to the local answer log"),
+    prior: Optional[List[Path]] = typer.Option(
+        None, "--prior", help="an earlier study of the same patient (repeat; oldest first, or any order when every "
+        "file has a DICOM StudyDate: then sorted by it); IMAGE is the current study"),
+    top_k_diagnoses: Optional[int] = typer.Option(
+        None, "--top-k-diagnoses", help="open-ended: ask for a ranked differential of N (1-10) diagnoses"),
+    cdir_open_ended: bool = typer.Option(
+        False, "--cdir-open-ended", help="also run CDIR on open-ended answers (mean token probability; off by default)"),
+    allow_mixed_modalities: bool = typer.Option(
+        False, "--allow-mixed-modalities", help="accept priors of another modality than IMAGE (e.g. MR vs CT)"),
+    history: Optional[str] = typer.Option(None, "--history", help="patient key: also search that patient's history"),
 ) -> None:
     from .api import AskSettings, ask
 
     settings = AskSettings(
         temperature=temperature, seed=seed, max_tokens=max_tokens, retrieval=not no_retrieval, cdir=not no_cdir,
         cdir_threshold=threshold, search_mode=mode, n_ctx=n_ctx, gpu_layers=gpu_layers, n_threads=threads,
+        top_k_diagnoses=top_k_diagnoses, cdir_open_ended=cdir_open_ended,
+        allow_mixed_modalities=allow_mixed_modalities,
     )
+    from ..errors import InputError
+
+    if prior and image == "-":
+        raise InputError("--prior needs a current image: give IMAGE (not '-')")
+    if top_k_diagnoses is not None and options:
+        raise InputError("--top-k-diagnoses asks for a ranked differential of an open-ended question; "
+                         "it cannot be combined with options (-o)")
+    image_paths = [] if image == "-" else [*(prior or []), Path(image)]  # the last is the current study
     view = None if as_json else StreamView()
     record = ask(
-        None if image == "-" else Path(image),
+        image_paths or None,
         question,
         options,
         packs=pack or None,
@@ -57,6 +78,7 @@ def ask_command(
         model=model,
         settings=settings,
         on_event=view.on_event if view else None,
+        history=history,
     )
     from ..errors import MedrwrError
     from ..evidence.log import log_answer
@@ -71,7 +93,7 @@ def ask_command(
     if report is not None:
         from ..evidence.report import write_report
 
-        write_report(record, report, images=[] if image == "-" else [Path(image)])
+        write_report(record, report, images=image_paths)  # each is matched to its record entry by sha256
         notes.append(f"report written to {report}")
     if as_json:
         sys.stdout.write(json.dumps(record.to_dict(), indent=2, ensure_ascii=False) + "\n")
@@ -117,6 +139,10 @@ class StreamView:
             body.append(f"{payload.reference_pack} · {payload.reference_doc_id} · score {payload.reference_score:.3f}\n",
                         style="magenta")
             body.append(payload.reference_caption)
+            if len(payload.references) > 1:  # a text-only model given priors: one reference per study
+                for ref in payload.references:
+                    body.append(f"\nstudy {ref['index'] + 1} ({ref['role']}): {ref['reference_doc_id']} · "
+                                f"{ref['reference_caption']}", style="dim")
             self.console.print()
             self.console.print(Panel(body, title="CDIR", border_style="magenta", title_align="left"))
 
@@ -128,14 +154,20 @@ class StreamView:
         if record.status != "answered":
             c.print(Text("No answer.", style="bold red"))
         else:
-            line = Text("Answer: ", style="bold")
-            line.append(record.letter or record.answer, style="bold green")
+            differential = getattr(record, "differential", None) or []
+            line = Text("Differential (most likely first):" if differential else "Answer: ", style="bold")
+            if not differential:  # a ranked differential is listed below, one diagnosis a line
+                line.append(record.letter or record.answer, style="bold green")
             if record.letter and record.answer and record.answer.strip() != record.letter:
                 line.append(f"  ({record.answer})")
             if record.confidence is not None:
                 label = "confidence" if record.confidence_kind == "first-answer-token" else "mean token probability"
                 line.append(f"   {label} {record.confidence:.2f}")
+                if record.confidence_kind == "mean-answer-token":
+                    line.append(" (not comparable to a letter confidence)", style="dim")
             c.print(line)
+            for rank, diagnosis in enumerate(differential, 1):
+                c.print(Text(f"  {rank}. {diagnosis}", style="green"))
         cdir = record.cdir()
         if cdir is not None:
             if cdir.answer_after is None:

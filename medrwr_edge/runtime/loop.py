@@ -55,6 +55,7 @@ class LoopConfig:
     cdir: bool = True
     cdir_threshold: float = 0.8  # the paper's value
     cdir_open_ended: bool = False  # open-ended answers have no letter confidence; CDIR off unless asked
+    top_k_diagnoses: Optional[int] = None  # open-ended only: ask for a ranked differential of N diagnoses
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(max_tokens=512))
     # Room kept free in the context for the next generation pass when splicing documents.
     generation_reserve_tokens: int = 512
@@ -91,16 +92,32 @@ class MedRwRLoop:
         t_start = time.perf_counter()
         vision = be.info.has_vision
         open_ended = not options
+        if cfg.top_k_diagnoses is not None and options:
+            raise InputError("--top-k-diagnoses asks for a ranked differential of an open-ended question; "
+                             "it cannot be combined with options (-o)")
         if images and not vision:
             record.notes.append(
                 "model has no vision input: the image was not shown to the model; it was used only to retrieve "
-                "similar reference images (CDIR)"
+                "similar reference images (CDIR)" if len(images) == 1 else
+                f"model has no vision input: the {len(images)} images were not shown to the model (the prompt "
+                "names each study); they were used only to retrieve similar reference images (CDIR: one per study)"
             )
+        if open_ended:
+            record.notes.append(
+                "open-ended question (no options): the answer is free text; confidence is the mean token "
+                "probability of the answer span, not comparable to the letter confidence; "
+                + ("CDIR compares it with the threshold (--cdir-open-ended)" if cfg.cdir_open_ended else
+                   "CDIR is off for open-ended answers (the default; --cdir-open-ended turns it on)")
+            )
+        user = P.user_text(question, options)
+        if cfg.top_k_diagnoses is not None:
+            user += "\n" + P.differential_request(cfg.top_k_diagnoses)  # ours: the system prompt stays the paper's
         parts = P.chatml_prompt(
             P.system_prompt(has_image=bool(images) and vision, open_ended=open_ended),
-            P.user_text(question, options),
+            user,
             images,
             vision=vision,
+            labels=P.study_labels(images),
         )
         record.prompt = P.prompt_text(parts)
 
@@ -143,8 +160,10 @@ class MedRwRLoop:
                 continue
 
             # The pass ended with an answer, end of turn, or a limit: this is the answering pass.
-            answer = self._read_answer(gen, pass_index, options, record.notes)
+            answer = self._read_answer(gen, pass_index, options, record.notes, whole_turn=pass_index == 0)
             think_text = gen.text.split(P.ANSWER_OPEN)[0].strip()
+            if answer.answer_kind == "untagged":
+                think_text = gen.text[: gen.text.rfind(answer.text)].strip() if answer.text else ""
             if think_text:
                 record.steps.append(Think(think_text, pass_index))
             record.steps.append(answer)
@@ -154,8 +173,12 @@ class MedRwRLoop:
             break
 
         if answer is not None and self._cdir_due(answer, open_ended, images):
-            current = next((im for im in images if im.role == "current"), images[-1])
-            turn = self._cdir(record, answer, answer_pass_start, turn, current, options, emit)
+            if answer.answer_kind == "untagged":
+                # CDIR's spliced step is written in the protocol's tags; a model that never uses them would be
+                # asked to continue a format it does not know, so its plain answer stands.
+                record.notes.append("CDIR skipped: the answer was given without the Med-RwR tags")
+            else:
+                turn = self._cdir(record, answer, answer_pass_start, turn, images, options, emit)
 
         final = next((s for s in reversed(record.steps) if isinstance(s, Answer)), None)
         cdir = record.cdir()
@@ -165,6 +188,7 @@ class MedRwRLoop:
         if final is not None and final.text is not None:
             record.answer, record.letter = final.text, final.letter
             record.confidence, record.confidence_kind = final.confidence, final.confidence_kind
+            record.answer_kind, record.differential = final.answer_kind, list(final.differential)
             record.status = "answered"
         else:
             record.status = "no-answer"
@@ -191,7 +215,8 @@ class MedRwRLoop:
     def _generate(self, stop: list[str], emit: EventSink) -> Generation:
         return self.backend.generate(self.config.sampling, stop, on_piece=lambda piece: emit("piece", piece))
 
-    def _retrieve(self, query: str, pass_index: int, step: Query) -> Retrieve:
+    def _retrieve(self, query: str, pass_index: int, step: Query, already_served: Optional[set] = None) -> Retrieve:
+        """Search and splice the block. `already_served`: queries searched earlier in this turn (chat skips them)."""
         cfg, be = self.config, self.backend
         t0 = time.perf_counter()
         docs: list[RetrievedDoc] = []
@@ -201,6 +226,8 @@ class MedRwRLoop:
             step.reason = "empty query"
         elif self.text_retriever is None:
             step.reason = "no knowledge pack loaded"
+        elif already_served is not None and query in already_served:
+            step.reason = "the same query was already served in this turn: not searched again"
         else:
             docs = self.text_retriever.search(query, cfg.top_k)[: cfg.top_k]
         step.served = bool(docs) or not step.reason
@@ -212,7 +239,10 @@ class MedRwRLoop:
         return Retrieve(query, docs, "\n" + block, inserted, pass_index, truncated, round(search_seconds, 4))
 
     def _fit_block(self, docs: list[RetrievedDoc]) -> tuple[str, bool]:
-        """Shorten documents (longest first, by words) until the block leaves room for the next pass."""
+        """Shorten documents (longest first, by words) until the block leaves room for the next pass.
+
+        Each cut keeps at most len-2 words so a document always gets shorter (a 9-word one used to stay at 9 words
+        with the "…" and loop forever)."""
         be = self.backend
         budget = be.info.n_ctx - be.n_tokens() - self.config.generation_reserve_tokens
         block = P.retrieve_block([d.snippet for d in docs])
@@ -220,17 +250,30 @@ class MedRwRLoop:
         while docs and len(be.tokenize("\n" + block)) > budget:
             longest = max(docs, key=lambda d: len(d.snippet))
             words = longest.snippet.split()
-            if len(words) <= 8:
+            keep = min(len(words) - 2, len(words) * 2 // 3)  # strictly shorter, even with the "…" added
+            if keep < 8:
                 docs.remove(longest)  # nothing left worth keeping of this one
             else:
-                longest.snippet = " ".join(words[: max(8, len(words) * 2 // 3)]) + " …"
+                longest.snippet = " ".join(words[:keep]) + " …"
             truncated = True
             block = P.retrieve_block([d.snippet for d in docs])
         return block, truncated
 
-    def _read_answer(self, gen: Generation, pass_index: int, options: Sequence[P.Option], notes: list[str]) -> Answer:
+    def _read_answer(self, gen: Generation, pass_index: int, options: Sequence[P.Option], notes: list[str],
+                     whole_turn: bool = False) -> Answer:
+        """The answer of a pass. `whole_turn`: this pass is the whole assistant turn (no earlier query), so a
+        turn without any Med-RwR tag that ended at end of turn is read as a plain answer (SFT-only models)."""
         text = P.parse_answer(gen.text)
         letters = [o.letter for o in options]
+        answer_kind, span = "tagged", None
+        start = gen.text.rfind(P.ANSWER_OPEN)
+        if text is not None and start >= 0:
+            answer_from = start + len(P.ANSWER_OPEN)
+            span = (answer_from, gen.text.find(P.ANSWER_CLOSE, answer_from))
+        elif text is None and whole_turn and gen.stop_reason == "eos":
+            span = P.untagged_answer_span(gen.text)  # None unless the turn has no protocol tags at all
+            if span is not None:
+                text, answer_kind = gen.text[span[0] : span[1]], "untagged"
         letter = P.answer_letter(text, letters) if letters else None
         if letters and letter is None:
             letter = P.letter_from_option_text(text, options)
@@ -238,11 +281,16 @@ class MedRwRLoop:
                     "(the paper reads only a leading letter)")
             if letter is not None and note not in notes:
                 notes.append(note)
+        if answer_kind == "untagged":
+            if letters and letter is None:
+                # A multiple-choice answer must name an option; free text without one is not read as an answer.
+                notes.append("no Med-RwR tags and no option letter at the start of the output: no answer")
+                return Answer(None, None, None, "none", None, pass_index, answer_kind="none")
+            notes.append("no Med-RwR tags: answered without the retrieval protocol (e.g. an SFT-only model); "
+                         "the answer is the model's output" + (" after </think>" if P.THINK_CLOSE in gen.text else ""))
         conf, conf_token, kind = None, None, "none"
-        start = gen.text.rfind(P.ANSWER_OPEN)
-        if text is not None and start >= 0:
-            answer_from = start + len(P.ANSWER_OPEN)
-            answer_to = gen.text.find(P.ANSWER_CLOSE, answer_from)
+        if span is not None:
+            answer_from, answer_to = span
             answer_tokens = _tokens_in_span(gen, answer_from, answer_to)
             if letters:
                 # The paper's confidence: the probability of the first answer token (the option letter).
@@ -254,7 +302,17 @@ class MedRwRLoop:
                 probs = [t.prob for t in answer_tokens if t.piece.strip()]
                 if probs:
                     conf, kind = sum(probs) / len(probs), "mean-answer-token"
-        return Answer(text, letter, conf, kind, conf_token, pass_index)
+        differential: list[str] = []
+        n = self.config.top_k_diagnoses
+        if n is not None and text is not None:
+            given = P.parse_differential(text)
+            differential = given[:n]
+            note = (f"the model listed {len(given)} diagnoses, {n} were asked"
+                    + (f"; the first {n} are kept" if len(given) > n else ""))
+            if len(given) != n and note not in notes:
+                notes.append(note)
+        return Answer(text, letter, conf, kind, conf_token, pass_index,
+                      answer_kind=answer_kind if text is not None else "none", differential=differential)
 
     def _cdir_due(self, answer: Answer, open_ended: bool, images: Sequence[ImageInput]) -> bool:
         cfg = self.config
@@ -270,22 +328,38 @@ class MedRwRLoop:
         first: Answer,
         answer_pass_start: tuple[int, int],
         turn: str,
-        image: ImageInput,
+        images: Sequence[ImageInput],
         options: Sequence[P.Option],
         emit: EventSink,
     ) -> str:
         be, cfg = self.backend, self.config
         t0 = time.perf_counter()
-        ref = self.image_retriever.nearest(image)
+        current_index = next((i for i, im in enumerate(images) if im.role == "current"), len(images) - 1)
+        ref = self.image_retriever.nearest(images[current_index])
         if ref is None:
             record.notes.append("CDIR was due but the image pack returned no reference image")
             return turn
+        labels = P.study_labels(images)
+        # The paper's CDIR looks up the (current) image. A vision model sees the priors itself; a text-only model
+        # sees no image at all, so it also gets each prior's nearest reference, labelled with the study it
+        # stands for: the only way it learns anything about the studies it is asked to compare.
+        consulted = [(current_index, ref)]
+        if labels and not be.info.has_vision:
+            consulted = [(i, ref if i == current_index else self.image_retriever.nearest(im))
+                         for i, im in enumerate(images)]
+            missing = [labels[i].rstrip(":") for i, r in consulted if r is None]
+            if missing:
+                record.notes.append(f"CDIR: no reference image found for {', '.join(missing)}")
+            consulted = [(i, r) for i, r in consulted if r is not None]
         # Back to where the answering pass began: the prompt and earlier think/query/retrieve cycles stay in
         # the KV cache; only the low-confidence answer is dropped (the reference re-ran the whole prompt).
         n_keep, turn_keep = answer_pass_start
         be.rollback(n_keep)
         turn = turn[:turn_keep]
-        block = P.cdir_block(ref.caption)
+        if len(consulted) > 1:
+            block = P.cdir_block_per_study([(labels[i], r.caption) for i, r in consulted])
+        else:
+            block = P.cdir_block(ref.caption)  # one study: the reference's exact layout
         inserted = be.append_text(block)
         turn += block
         step = CdirRetrieve(
@@ -300,6 +374,15 @@ class MedRwRLoop:
             reference_image_sha256=ref.image_sha256,
             block=block,
             model_saw_reference_image=False,  # the reference image is spliced as its caption (text backends)
+            references=[{
+                "index": i,
+                "role": images[i].role,  # the study's date is in record.images[index], not repeated here
+                "reference_pack": r.pack,
+                "reference_doc_id": r.doc_id,
+                "reference_caption": r.caption,
+                "reference_score": r.score,
+                "reference_image_sha256": r.image_sha256,
+            } for i, r in consulted],
         )
         record.steps.append(step)
         emit("cdir", step)

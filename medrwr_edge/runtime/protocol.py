@@ -116,20 +116,102 @@ def neutralise_control_tokens(text: str) -> str:
     return _SPECIAL_RE.sub(lambda m: f"‹|{m.group(1)}|›", text)
 
 
-def chatml_prompt(system: str, user: str, images: Sequence[ImageInput] = (), vision: bool = False) -> list[PromptPart]:
+def chatml_prompt(system: str, user: str, images: Sequence[ImageInput] = (), vision: bool = False,
+                  labels: Sequence[str] = ()) -> list[PromptPart]:
     """Qwen ChatML up to the open assistant header. Images come first in the user turn (Qwen2.5-VL template).
 
     For a text-only model (`vision=False`) images are NOT put in the prompt: the model cannot see them, and we
     never pretend it did (the evidence record says so).
+
+    `labels` (one per image, from `study_labels`; empty for a single image) name each study: a vision model gets
+    "Prior study (2023-04-01):\n<|vision_start|>...<|vision_end|>\n" per image; a text model gets the labels as
+    text lines saying the image is not visible to it, so it still knows what the question compares and when.
     """
     parts: list[PromptPart] = [f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"]
+    if labels and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
     if vision:
-        for img in images:
+        for i, img in enumerate(images):
+            if labels:
+                parts.append(labels[i] + "\n")
             parts.append(VISION_START)
             parts.append(img)
             parts.append(VISION_END)
+            if labels:
+                parts.append("\n")
+    elif labels:
+        parts.extend(f"{label} {IMAGE_NOT_VISIBLE}\n" for label in labels)
     parts.append(f"{user}<|im_end|>\n<|im_start|>assistant\n")
     return _merge_text(parts)
+
+
+IMAGE_NOT_VISIBLE = "[image not visible to this model]"
+
+
+def study_labels(images: Sequence[ImageInput]) -> list[str]:
+    """'Prior study (2023-04-01):', 'Current study (2024-01-10):' ... for two or more images, in prompt order (priors
+    oldest first, numbered when there are several; 'Image 1:', 'Image 2:' for independent figures). A single image gets no label: its prompt stays the reference's
+    layout byte for byte. Dates come only from the allow-listed DICOM StudyDate (`ImageInput.study_date`)."""
+    if len(images) < 2:
+        return []
+    n_priors = sum(1 for im in images if im.role == "prior")
+    labels, k = [], 0
+    for i, im in enumerate(images):
+        if im.role == "image":  # independent figures (AskSettings.images_are_studies=False), e.g. MMMU's <image 1>
+            labels.append(f"Image {i + 1}:")
+            continue
+        if im.role == "prior":
+            k += 1
+            name = f"Prior study {k}" if n_priors > 1 else "Prior study"
+        else:
+            name = "Current study"
+        labels.append(f"{name} ({im.study_date}):" if im.study_date else f"{name}:")
+    return labels
+
+
+def differential_request(n: int) -> str:
+    """The user-turn instruction for `--top-k-diagnoses N` (ours, not the paper's; the system prompt is untouched)."""
+    if n == 1:
+        return f"Give the single most likely diagnosis inside {ANSWER_OPEN} {ANSWER_CLOSE}."
+    return (f"List the {n} most likely diagnoses, most likely first, as a numbered list (1. ... {n}. ...) inside "
+            f"{ANSWER_OPEN} {ANSWER_CLOSE}.")
+
+
+_NUMBERED_ITEM = re.compile(r"(?:^|\s)\(?\d{1,2}[.)]\s+")
+_ITEM_MARKER = re.compile(r"^\s*(?:\(?\d{1,2}[.):]|[-*\u2022])\s*")
+
+
+def parse_differential(answer: Optional[str]) -> list[str]:
+    """A ranked differential from an answer: one diagnosis per line ("1. X"), or "1. X 2. Y" / "X; Y" on one line.
+    Numbering and bullets are removed; the order is the model's ranking."""
+    if not answer or not answer.strip():
+        return []
+    lines = [ln for ln in answer.splitlines() if ln.strip()]
+    if len(lines) == 1:
+        line = lines[0].strip()
+        if _NUMBERED_ITEM.match(line):
+            lines = [x for x in _NUMBERED_ITEM.split(line) if x.strip()]
+        elif ";" in line:
+            lines = line.split(";")
+    items = [_ITEM_MARKER.sub("", ln).strip().rstrip(".;,").strip() for ln in lines]
+    return [x for x in items if x]
+
+
+def untagged_answer_span(text: str) -> Optional[tuple[int, int]]:
+    """For a turn with no Med-RwR tags (an SFT-only model, e.g. MedE2 stage I): the [start, end) span of `text`
+    that is the answer: all of it, or what follows the last `</think>`. None when the text uses <query>,
+    <retrieve> or <answer> (a protocol model that failed to answer is not an untagged answer), leaves a
+    <think> open, or is empty."""
+    if re.search(r"</?(query|retrieve|answer)>", text, re.I):
+        return None
+    close = text.rfind(THINK_CLOSE)
+    start = close + len(THINK_CLOSE) if close >= 0 else 0
+    if THINK_OPEN in text[start:]:
+        return None
+    while start < len(text) and text[start].isspace():
+        start += 1
+    end = len(text.rstrip())
+    return (start, end) if end > start else None
 
 
 def _merge_text(parts: list[PromptPart]) -> list[PromptPart]:
@@ -181,6 +263,14 @@ def cdir_block(caption: str) -> str:
     """CDIR's spliced step. The reference puts `<image>` inside the retrieve block for the reference image; a
     multimodal backend feeds the image there, a text-only one gets the caption only."""
     return CDIR_THINK + CDIR_QUERY + f"{RETRIEVE_OPEN} {_one_line(caption)} {RETRIEVE_CLOSE}\n"
+
+
+def cdir_block_per_study(labelled_captions: Sequence[tuple[str, str]]) -> str:
+    """CDIR's step for a text-only model given several studies: the nearest reference of EACH study, labelled
+    (a model that sees no image has only these captions to compare prior and current), in the numbered layout
+    of a retrieve block. With one study use `cdir_block` (the reference's exact layout)."""
+    body = "".join(f"({i + 1}) {_one_line(label)} {_one_line(cap)}\n" for i, (label, cap) in enumerate(labelled_captions))
+    return CDIR_THINK + CDIR_QUERY + f"{RETRIEVE_OPEN} {body} {RETRIEVE_CLOSE}\n"
 
 
 _TAG_RE = re.compile(r"</?(think|query|retrieve|answer)>", re.I)

@@ -63,6 +63,10 @@ class Answer:
     confidence_token: Optional[str]  # the token whose probability is the confidence
     pass_index: int
     type: str = "answer"
+    # "tagged": read from <answer></answer> (the protocol); "untagged": the model wrote no Med-RwR tags (e.g. an
+    # SFT-only model) and its output (after any </think>) is the answer; "none": no answer
+    answer_kind: str = "tagged"
+    differential: list[str] = field(default_factory=list)  # --top-k-diagnoses: the ranked diagnoses, best first
 
 
 @dataclass
@@ -85,6 +89,11 @@ class CdirRetrieve:
     changed: bool = False
     seconds: float = 0.0
     type: str = "cdir"
+    # The reference looked up for each input image CDIR consulted: the current study, plus every prior for a
+    # text-only model (it sees no image, so each study's nearest reference caption is spliced, labelled).
+    # [{"index" (into record.images), "role", "reference_pack", "reference_doc_id", "reference_caption",
+    #   "reference_score", "reference_image_sha256"}]
+    references: list[dict] = field(default_factory=list)
 
 
 Step = Union[Think, Query, Retrieve, Answer, CdirRetrieve]
@@ -104,7 +113,7 @@ class PassStats:
 class EvidenceRecord:
     question: str
     options: list[dict]  # [{"letter": "A", "text": ...}]
-    images: list[dict]  # [{"sha256", "role", "format", "width", "height", "meta"}]
+    images: list[dict]  # [{"sha256", "role", "index", "study_date", "format", "width", "height", "meta"}]
     model: dict  # path name, sha256, backend, has_vision, device, gpu_layers, notes
     packs: list[dict]  # [{"name", "version", "kind", "encoder_sha256", "role"}]
     settings: dict
@@ -117,6 +126,8 @@ class EvidenceRecord:
     confidence: Optional[float] = None
     confidence_kind: str = "none"
     status: str = "answered"  # "answered" | "no-answer"
+    answer_kind: str = "none"  # of the final answer: "tagged" | "untagged" (no Med-RwR tags) | "none"
+    differential: list[str] = field(default_factory=list)  # --top-k-diagnoses: ranked diagnoses, best first
     tokens: dict = field(default_factory=dict)  # prompt, generated, inserted, decoded, rolled_back
     timings: dict = field(default_factory=dict)  # seconds: load, prefill, generate, retrieval, cdir, total
     notes: list[str] = field(default_factory=list)

@@ -159,7 +159,28 @@ def installed_path(name: str) -> Path:
     if not is_installed(name):
         raise ModelError(f"model {name} is not installed; run `medrwr-edge models install {name}`")
     folder = models_dir() / name
-    return folder / art.main_file if art.kind == "llm" else folder
+    if art.kind != "llm":
+        return folder  # encoders: load_encoder() checks every file against encoder.json
+    path = folder / art.main_file
+    _check_installed_file(name, path)
+    return path
+
+
+def _check_installed_file(name: str, path: Path) -> None:
+    """The GGUF must still be the file that was installed: a replaced file with the right name is refused.
+
+    Size first (free), then sha256 through the (path, size, mtime) cache, so the 1.1 GB model is hashed once after
+    install or after any change, not on every answer."""
+    from .paths import cached_sha256
+
+    recorded = ((_record(name) or {}).get("files") or {}).get(path.name) or {}
+    size = path.stat().st_size
+    if recorded.get("size") is not None and size != recorded["size"]:
+        raise ModelError(f"{path} has {size:,} bytes but {recorded['size']:,} were installed: it was replaced or "
+                         f"damaged; reinstall with `medrwr-edge models install {name} --force`")
+    if recorded.get("sha256") and cached_sha256(path) != recorded["sha256"]:
+        raise ModelError(f"{path} is not the file that was installed (sha256 differs): it was replaced or damaged; "
+                         f"reinstall with `medrwr-edge models install {name} --force`")
 
 
 def default_llm_path() -> Path:

@@ -4,8 +4,6 @@ Exports read LOCAL directories only: the Hugging Face libraries are told to stay
 a clear error instead of a silent download from a model hub.
 """
 
-import os
+from ..offline import apply_offline_defaults
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+apply_offline_defaults()  # also when the exporters are used as a library, not through the CLI

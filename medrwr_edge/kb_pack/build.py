@@ -28,7 +28,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .. import __version__
-from ..errors import InputError, ModelError
+from ..errors import InputError, MedrwrError, ModelError
 from ..paths import atomic_directory, atomic_write_bytes, sha256_bytes, sha256_file
 from . import lexical
 from .documents import Document
@@ -267,8 +267,22 @@ def _write_index(path: Path, vectors: np.ndarray, hnsw: HnswParams) -> None:
     index.save_index(str(path))
 
 
+def _cannot_write(out_dir: Path, e: BaseException) -> MedrwrError:
+    reason = " ".join(str(getattr(e, "strerror", None) or e).split())
+    return MedrwrError(f"cannot write pack {out_dir}: {reason}; no pack was written (finished embeddings are kept: "
+                       "free some space and run the same command again to continue)")
+
+
 def _write_sqlite(path: Path, docs: list[Document], image_files: list[Optional[str]],
                   content_hashes: list[str]) -> None:
+    try:
+        _write_sqlite_rows(path, docs, image_files, content_hashes)
+    except sqlite3.OperationalError as e:  # "database or disk is full", a read-only or vanished directory
+        raise _cannot_write(path.parent, e) from None
+
+
+def _write_sqlite_rows(path: Path, docs: list[Document], image_files: list[Optional[str]],
+                       content_hashes: list[str]) -> None:
     conn = sqlite3.connect(str(path))
     try:
         conn.executescript(lexical.SCHEMA)
@@ -315,9 +329,11 @@ def _build(kind: str, docs: Iterable[Document], out_dir, encoder, *, name: str, 
     work = work_dir_for(out_dir)
     try:
         vectors = _embed_all(kind, docs, encoder, work, key, batch_size, progress, thumbnail_px)
-    except BaseException:
+    except BaseException as e:
         if not any(work.glob("batch-*.npy")):  # nothing worth resuming: leave no litter
             shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full, permissions: the user's to fix, then resume
+            raise _cannot_write(out_dir, e) from None
         raise
 
     image_files = [image_file_name(d.id) if kind == "image" else None for d in docs]

@@ -1,0 +1,349 @@
+"""One loaded model, many clients: a bounded queue in front of a single worker thread that owns the Session.
+
+`Session` answers one question at a time, and one llama.cpp context decodes one sequence, so requests wait in an
+asyncio queue (bounded: a full queue is refused at once with a Retry-After estimate, never silently delayed) and
+one thread answers them in order. The loop's events travel back to the request's handler through the event loop.
+
+Cancelling: every loop event passes through `_Sink`, which raises `RequestCancelled` once the client has gone.
+The exception unwinds `Session.ask` between two tokens, so the backend is left consistent (every sampled token is
+decoded before its piece is streamed), and the next `Session.ask` starts with `backend.reset()` anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..errors import InputError, MedrwrError
+
+log = logging.getLogger("medrwr_edge.serve")
+
+# Settings a request may change for its own question; everything else is fixed when the model is loaded.
+REQUEST_SETTINGS = {
+    "temperature": float, "top_p": float, "top_k_sampling": int, "seed": int, "max_tokens": int,
+    "top_k_docs": int, "retrieval": bool, "cdir": bool, "cdir_threshold": float, "search_mode": str,
+    "top_k_diagnoses": int, "cdir_open_ended": bool, "allow_mixed_modalities": bool,
+}
+NULLABLE_SETTINGS = {"search_mode", "top_k_diagnoses"}
+MAX_CACHED_PACK_SESSIONS = 8
+
+
+class RequestCancelled(Exception):
+    """The client disconnected or the server is shutting down: stop generating for this request."""
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is busy: {retry_after} s estimated wait")
+        self.retry_after = retry_after
+
+
+class InternalFault(MedrwrError):
+    """A bug or an unexpected failure while answering: reported as 500 without the original text."""
+
+
+class NotAccepting(Exception):
+    """The server is shutting down."""
+
+
+@dataclass
+class AskJob:
+    request_id: str
+    question: str
+    options: list[str]
+    images: Any = None  # PreparedImages, decoded before queueing so a bad image fails at once
+    image_paths: list[Path] = field(default_factory=list)  # the uploads, for the HTML report
+    workdir: Optional[Path] = None  # private temp dir holding the uploads; removed when the job ends
+    packs: Optional[list[str]] = None  # names of loaded text packs to search (None: all)
+    overrides: dict = field(default_factory=dict)
+    want_report: bool = False
+    events: Optional[asyncio.Queue] = None  # (kind, payload) as JSON-ready dicts, then ("end", None)
+    future: Optional[asyncio.Future] = None  # -> (record dict, report html or None)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: Optional[float] = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class Counters:
+    accepted: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    rejected_queue_full: int = 0
+    service_seconds_ewma: Optional[float] = None  # for Retry-After
+
+
+class AskWorker:
+    """Owns the Session (built by `session_factory` in the worker thread) and answers queued jobs in order."""
+
+    def __init__(self, session_factory: Callable[[], Any], max_queue: int = 8, keep_reports: int = 32,
+                 log_answers: bool = False):
+        self._factory = session_factory
+        self.log_answers = log_answers
+        self.max_queue = max_queue
+        self._keep_reports = keep_reports
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medrwr-serve-worker")
+        self._queue: Optional[asyncio.Queue] = None
+        self._task: Optional[asyncio.Task] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.session = None
+        self._pack_sessions: OrderedDict = OrderedDict()
+        self.current: Optional[AskJob] = None
+        self.accepting = False
+        self.counters = Counters()
+        self.reports: OrderedDict[str, str] = OrderedDict()
+
+    # ------------------------------------------------------------------ lifetime
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        self.session = await self._loop.run_in_executor(self._executor, self._factory)
+        self._task = asyncio.create_task(self._run(), name="medrwr-serve-worker")
+        self.accepting = True
+
+    async def stop(self, timeout: float) -> None:
+        """Stop taking requests; let queued and running ones finish for `timeout` seconds, then abort the rest."""
+        self.accepting = False
+        deadline = time.monotonic() + max(0.0, timeout)
+        while (self.current is not None or (self._queue and not self._queue.empty())) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        aborted = 0
+        while self._queue is not None and not self._queue.empty():
+            job = self._queue.get_nowait()
+            job.cancel()
+            self._finish(job, error=RequestCancelled("the server shut down before this request ran"))
+            aborted += 1
+        if self.current is not None:
+            self.current.cancel()
+            aborted += 1
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        # Waits for a running answer to reach its next event (it raises RequestCancelled there), then closes.
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_sessions)
+        self._executor.shutdown(wait=True)
+        if aborted:
+            log.info("shutdown: %d request(s) aborted after %.0f s", aborted, timeout)
+
+    def _close_sessions(self) -> None:
+        for s in self._pack_sessions.values():
+            s.close()
+        self._pack_sessions.clear()
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    # ------------------------------------------------------------------ facts for the endpoints
+    def text_pack_names(self) -> list[str]:
+        return [p["name"] for p in self.session.pack_records if p.get("role") == "knowledge"]
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def retry_after(self) -> int:
+        per = self.counters.service_seconds_ewma or 5.0
+        return max(1, min(600, math.ceil(per * (self.queue_depth() + 1))))
+
+    # ------------------------------------------------------------------ submitting
+    def submit(self, job: AskJob, streaming: bool = False) -> int:
+        """Queue `job`; return how many requests are ahead of it. Raises QueueFull or NotAccepting.
+        Only a streaming job gets an event queue (a plain request waits for the record alone)."""
+        if not self.accepting:
+            raise NotAccepting()
+        ahead = self.queue_depth() + (1 if self.current is not None else 0)
+        if ahead >= self.max_queue + 1:  # max_queue waiting plus the one being answered
+            self.counters.rejected_queue_full += 1
+            raise QueueFull(self.retry_after())
+        job.events = asyncio.Queue() if streaming else None
+        job.future = self._loop.create_future()
+        self.counters.accepted += 1
+        self._queue.put_nowait(job)
+        return ahead
+
+    # ------------------------------------------------------------------ the worker
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            job = await self._queue.get()
+            if job.cancelled.is_set():
+                self._finish(job, error=RequestCancelled("cancelled while queued"))
+                continue
+            self.current = job
+            job.started_at = time.monotonic()
+            self._emit(job, "started", {"type": "started", "request_id": job.request_id})
+            try:
+                result = await asyncio.shield(loop.run_in_executor(self._executor, self._answer, job))
+            except asyncio.CancelledError:
+                job.cancel()  # the worker task itself is being stopped (shutdown)
+                self.current = None
+                self._finish(job, error=RequestCancelled("the server shut down"))
+                raise
+            except BaseException as e:  # noqa: BLE001 - reported to the client as an error
+                self.current = None
+                self._finish(job, error=e)
+                continue
+            self.current = None
+            seconds = time.monotonic() - job.started_at
+            c = self.counters
+            c.service_seconds_ewma = seconds if c.service_seconds_ewma is None else 0.7 * c.service_seconds_ewma + 0.3 * seconds
+            self._finish(job, result=result)
+
+    def _answer(self, job: AskJob):
+        """In the worker thread: answer one question; render its report while the uploads still exist."""
+        if job.cancelled.is_set():
+            raise RequestCancelled("cancelled")
+        session = self._session_for(job.packs)
+        sink = _Sink(job, self._emit)
+        record = session.ask(job.images, job.question, job.options or None, on_event=sink, **job.overrides)
+        if self.log_answers:
+            _log(record)
+        report = None
+        if job.want_report:
+            from ..evidence.report import render_report
+
+            report = render_report(record, images=job.image_paths)
+        return record.to_dict(), report
+
+    def _session_for(self, packs: Optional[list[str]]):
+        main = self.session
+        names = self.text_pack_names()
+        if packs is None or list(packs) == names:
+            return main
+        key = tuple(packs)
+        if key in self._pack_sessions:
+            self._pack_sessions.move_to_end(key)
+            return self._pack_sessions[key]
+        from ..runtime.api import Session
+
+        paths = {p["name"]: p["path"] for p in main.pack_records if p.get("role") == "knowledge"}
+        image_pack = main.image_pack.path if main.image_pack is not None else False
+        # Same loaded model, a different set of open packs; only ever used from this one thread.
+        sub = Session(packs=[paths[n] for n in packs], image_pack=image_pack, settings=main.settings,
+                      backend=main.backend)
+        self._pack_sessions[key] = sub
+        while len(self._pack_sessions) > MAX_CACHED_PACK_SESSIONS:
+            self._pack_sessions.popitem(last=False)[1].close()
+        return sub
+
+    def _emit(self, job: AskJob, kind: str, payload) -> None:
+        """Thread-safe: hand an event to the request's handler on the event loop."""
+        if job.events is None:
+            return
+        self._loop.call_soon_threadsafe(job.events.put_nowait, (kind, payload))
+
+    def _finish(self, job: AskJob, result=None, error: Optional[BaseException] = None) -> None:
+        c = self.counters
+        if error is None:
+            c.completed += 1
+            record, report = result
+            if report is not None and self._keep_reports > 0:
+                self.reports[job.request_id] = report
+                while len(self.reports) > self._keep_reports:
+                    self.reports.popitem(last=False)
+        elif isinstance(error, RequestCancelled) or job.cancelled.is_set():
+            c.cancelled += 1
+            error = RequestCancelled(str(error) if isinstance(error, RequestCancelled) else "cancelled")
+        else:
+            c.failed += 1
+            if not isinstance(error, MedrwrError):
+                # Only the type: an exception's text could quote the question or a DICOM tag.
+                log.error("request %s failed: %s", job.request_id, type(error).__name__)
+                error = InternalFault("internal error (see the server log)")
+        if job.future is not None and not job.future.done():
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)
+                job.future.exception()  # mark retrieved: a client that left will never read it
+        if job.events is not None:
+            job.events.put_nowait(("end", None))
+        if job.workdir is not None:
+            shutil.rmtree(job.workdir, ignore_errors=True)
+
+
+class _Sink:
+    """The loop's on_event: forwards events as JSON-ready dicts, synthesises "think" steps, and is where a
+    cancelled request stops (the exception unwinds generation between two tokens)."""
+
+    def __init__(self, job: AskJob, emit):
+        self.job, self.emit = job, emit
+        self.pending = ""  # pieces since the last query/retrieve/answer/cdir event
+
+    def __call__(self, kind: str, payload) -> None:
+        if self.job.cancelled.is_set():
+            raise RequestCancelled("the client went away")
+        if kind == "piece":
+            self.pending += payload
+            self.emit(self.job, "piece", {"type": "piece", "text": payload})
+            return
+        if kind in ("query", "answer"):
+            tag = "<query>" if kind == "query" else "<answer>"
+            think = self.pending.rsplit(tag, 1)[0].strip() if tag in self.pending else self.pending.strip()
+            if think:
+                self.emit(self.job, "think", {"type": "think", "text": think, "pass_index": payload.pass_index})
+        self.pending = ""
+        body = dataclasses.asdict(payload) if dataclasses.is_dataclass(payload) else {"value": payload}
+        self.emit(self.job, kind, body)
+
+
+def _log(record) -> None:
+    """Append to the answer log like `ask` does (scrubbed: image hashes, years of study dates). An unwritable log
+    must not cost the client its answer: one warning line in the server log instead (no content in it)."""
+    from ..errors import MedrwrError
+    from ..evidence.log import log_answer
+
+    try:
+        log_answer(record, "api")
+    except MedrwrError as e:
+        logging.getLogger("medrwr_edge.serve").warning("answer not logged: %s", type(e).__name__)
+
+
+def checked_overrides(raw: Optional[dict], max_tokens_limit: int) -> dict:
+    """A request's settings: known names, right types, sane ranges (one-line InputError otherwise)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InputError("settings must be a JSON object")
+    out = {}
+    for key, value in raw.items():
+        kind = REQUEST_SETTINGS.get(key)
+        if kind is None:
+            raise InputError(f"unknown setting {key!r}; allowed: {', '.join(sorted(REQUEST_SETTINGS))}")
+        if value is None and key in NULLABLE_SETTINGS:
+            out[key] = None
+            continue
+        if kind is bool and not isinstance(value, bool):
+            raise InputError(f"setting {key!r} must be true or false")
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InputError(f"setting {key!r} must be an integer")
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InputError(f"setting {key!r} must be a number")
+        if kind is str and not isinstance(value, str):
+            raise InputError(f"setting {key!r} must be a string")
+        out[key] = kind(value)
+    if "search_mode" in out and out["search_mode"] not in (None, "dense", "lexical", "hybrid"):
+        raise InputError("setting 'search_mode' must be dense, lexical or hybrid")
+    if not 1 <= out.get("max_tokens", 1) <= max_tokens_limit:
+        raise InputError(f"setting 'max_tokens' must be between 1 and {max_tokens_limit}")
+    if not 1 <= out.get("top_k_docs", 1) <= 10:
+        raise InputError("setting 'top_k_docs' must be between 1 and 10")
+    if not 0 < out.get("top_p", 1.0) <= 1:
+        raise InputError("setting 'top_p' must be in (0, 1]")
+    return out

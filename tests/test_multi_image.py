@@ -407,3 +407,25 @@ def test_the_answer_log_keeps_only_the_year_of_study_dates_and_replay_still_matc
     assert "Prior study (2023):" in logged["prompt"]
     result = replay(logged, [prior, current], backend=ScriptedBackend(QUERY_THEN_ANSWER, probs=PROBS))
     assert result.identical, result.differences
+
+
+def test_frame_picks_a_slice_of_a_multi_frame_current_image_and_is_replayed(evidence_packs, fake_encoders, tmp_path,
+                                                                            medrwr_home, capsys):
+    """--frame N: the chosen slice of a multi-frame DICOM is used, recorded in the settings and reused by replay."""
+    from medrwr_edge.cli import main
+    from medrwr_edge.evidence.replay import replay
+    from evidence_helpers import PROBS, QUERY_THEN_ANSWER
+    from phi_dicom import write_dicom
+
+    series = write_dicom(tmp_path / "series.dcm", frames=5)
+    text_pack, image_pack, _ = evidence_packs
+    middle = run_scripted(text_pack, image_pack, series)
+    chosen = run_scripted(text_pack, image_pack, series, frame=1)
+    assert middle.images[0]["meta"]["frame_index"] == 2 and chosen.images[0]["meta"]["frame_index"] == 1
+    assert chosen.settings["frame"] == 1
+    again = replay(chosen.to_dict(), [series], backend=ScriptedBackend(QUERY_THEN_ANSWER, probs=PROBS))
+    assert again.identical and again.replayed.images[0]["meta"]["frame_index"] == 1
+    with pytest.raises(SystemExit) as e:
+        main(["ask", str(series), "Which finding?", "--frame", "9", "--no-retrieval", "--no-log"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and err[0].startswith("error: frame 9 out of range")

@@ -48,6 +48,7 @@ class AskSettings:
     # Several images are a patient's studies (priors + current: dated labels, one modality). False: independent
     # figures of one question (MMMU's <image 1>, <image 2>): labelled "Image 1:", ..., no order or modality rules.
     images_are_studies: bool = True
+    frame: Optional[int] = None  # multi-frame DICOM: which frame (slice) of the current image; None: the middle
 
     def loop_config(self) -> LoopConfig:
         return LoopConfig(
@@ -115,7 +116,7 @@ class Session:
         opts = parse_options(options or [])
         t0 = time.perf_counter()
         prepared = (image if isinstance(image, PreparedImages)
-                    else PreparedImages.load(image, settings.allow_mixed_modalities, settings.images_are_studies))
+                    else PreparedImages.for_settings(image, settings))
         images, image_records = prepared.images, prepared.records
 
         from .retrieval import PackImageRetriever
@@ -201,7 +202,7 @@ def ask(
     # Fail on bad input before loading anything heavy.
     question = _check_question(question)
     parse_options(options or [])
-    prepared = PreparedImages.load(image, settings.allow_mixed_modalities, settings.images_are_studies)
+    prepared = PreparedImages.for_settings(image, settings)
     with Session(packs=packs, image_pack=image_pack, model=model, settings=settings, backend=backend,
                  history=history) as session:
         return session.ask(prepared, question, options, on_event)
@@ -229,6 +230,8 @@ def _check_settings(s: AskSettings) -> None:
         raise InputError(f"context size {s.n_ctx} is too small (at least 512)")
     if s.n_threads is not None and s.n_threads < 1:
         raise InputError("the thread count must be at least 1")
+    if s.frame is not None and (not isinstance(s.frame, int) or s.frame < 0):
+        raise InputError(f"--frame must be a frame number ≥ 0 (got {s.frame})")
     if s.top_k_diagnoses is not None and not (isinstance(s.top_k_diagnoses, int) and 1 <= s.top_k_diagnoses <= 10):
         raise InputError(f"--top-k-diagnoses must be between 1 and 10 (got {s.top_k_diagnoses})")
 
@@ -262,12 +265,16 @@ class PreparedImages:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def load(cls, image: Union[None, PathLike, Sequence[PathLike]],
-             allow_mixed_modalities: bool = False, images_are_studies: bool = True) -> "PreparedImages":
+    def load(cls, image: Union[None, PathLike, Sequence[PathLike]], allow_mixed_modalities: bool = False,
+             images_are_studies: bool = True, frame: Optional[int] = None) -> "PreparedImages":
         paths = [] if image is None else [image] if isinstance(image, (str, os.PathLike)) else list(image)
         from .studies import prepare_studies
 
-        return cls(*prepare_studies(paths, allow_mixed_modalities, images_are_studies))
+        return cls(*prepare_studies(paths, allow_mixed_modalities, images_are_studies, frame))
+
+    @classmethod
+    def for_settings(cls, image, settings: "AskSettings") -> "PreparedImages":
+        return cls.load(image, settings.allow_mixed_modalities, settings.images_are_studies, settings.frame)
 
 
 def _open_packs(packs, image_pack, settings: AskSettings):

@@ -22,7 +22,7 @@ order given, labels them "Image 1:", "Image 2:" and applies no modality rule.
 from __future__ import annotations
 
 import os
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from ..errors import InputError
 from .backend import ImageInput
@@ -30,11 +30,15 @@ from .backend import ImageInput
 PathLike = Union[str, os.PathLike]
 
 
-def prepare_studies(paths: Sequence[PathLike], allow_mixed_modalities: bool = False, as_studies: bool = True):
-    """Load the images (last = current) -> (ImageInputs in prompt order, record entries, notes)."""
+def prepare_studies(paths: Sequence[PathLike], allow_mixed_modalities: bool = False, as_studies: bool = True,
+                    frame: Optional[int] = None):
+    """Load the images (last = current) -> (ImageInputs in prompt order, record entries, notes).
+
+    frame: which frame of a multi-frame current image (e.g. one slice of a CT series); None = its middle frame.
+    Priors always use their middle frame."""
     from ..imaging import image_modality, load_image, study_date_iso
 
-    loaded = [load_image(p) for p in paths]
+    loaded = [load_image(p, frame=frame if i == len(paths) - 1 else None) for i, p in enumerate(paths)]
     if not loaded:
         return [], [], []
     if not as_studies and len(loaded) > 1:

@@ -87,6 +87,30 @@ def export_encoder_cmd(
     typer.echo(str(result))
 
 
+@export_app.command("static-encoder")
+def export_static_encoder_cmd(
+    out: Path = typer.Argument(..., help="static encoder directory to create (vectors.npy + tokenizer.json + encoder.json)"),
+    source: Optional[Path] = typer.Option(None, "--from", help="source text encoder dir (default: installed MiniLM)"),
+    name: Optional[str] = typer.Option(None, "--name", help="encoder name recorded in packs (default: directory name)"),
+    output: str = typer.Option("token", "--output", help="token (the token position's output) or mean (3-position mean)"),
+    weighting: str = typer.Option("sif", "--weighting", help="sif (a/(a+p), p from ICD-10-CM tokens) or none"),
+    sif_a: float = typer.Option(1e-4, "--sif-a", help="SIF constant a"),
+    pca: bool = typer.Option(True, "--pca/--no-pca", help="centre + rotate onto principal axes"),
+    dims: Optional[int] = typer.Option(None, "--dims", help="keep this many principal axes (default: all)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
+) -> None:
+    """Distil a static (token-vector) text encoder from a transformer one: numpy-only pack builds (no torch)."""
+    from ..kb_pack.static_encoder import distil_static_encoder
+
+    if source is None:
+        from ..assets import default_text_encoder_dir
+
+        source = Path(default_text_encoder_dir())
+    result = distil_static_encoder(source, out, name=name, output=output, weighting=weighting, sif_a=sif_a, pca=pca,
+                                   dims=dims, overwrite=overwrite, progress=lambda m: typer.echo(f"· {m}", err=True))
+    typer.echo(str(result))
+
+
 @export_app.command("fetch-converter")
 def fetch_converter_cmd(
     llama_cpp_src: Optional[Path] = typer.Option(None, "--llama-cpp-src", help="use this sdist instead of downloading"),

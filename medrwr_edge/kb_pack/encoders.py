@@ -30,7 +30,7 @@ ENCODER_JSON = "encoder.json"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
-TEXT_POOLINGS = ("mean", "cls", "none")
+TEXT_POOLINGS = ("mean", "cls", "none", "static")  # "static": token-vector table, see static_encoder.py
 IMAGE_POOLINGS = ("none", "mean")
 RESIZE_MODES = ("shorter_side_center_crop", "squash", "pad")
 PIXEL_SCALES = ("0..1", "0..255")
@@ -44,7 +44,7 @@ class EncoderSpec:
     kind: str  # "text" | "image"
     name: str
     dim: int
-    onnx_file: str
+    onnx_file: str  # the model file; for text pooling "static" the token-vector table (.npy), no ONNX
     onnx_sha256: str
     output_name: str
     pooling: str  # text: "mean" | "cls" | "none" (already pooled); image: "none" | "mean" (spatial)
@@ -98,7 +98,8 @@ class EncoderSpec:
         if self.kind == "text":
             need(self.pooling in TEXT_POOLINGS, f"text pooling must be one of {TEXT_POOLINGS}")
             need(bool(self.tokenizer_file) and _is_sha256(self.tokenizer_sha256), "text needs tokenizer_file/sha256")
-            need(bool(self.input_ids_name) and bool(self.attention_mask_name), "text needs input names")
+            if self.pooling != "static":  # a static encoder runs no ONNX graph, so it has no input names
+                need(bool(self.input_ids_name) and bool(self.attention_mask_name), "text needs input names")
             need(isinstance(self.max_length, int) and self.max_length > 2, "max_length must be an integer > 2")
         else:
             need(self.pooling in IMAGE_POOLINGS, f"image pooling must be one of {IMAGE_POOLINGS}")
@@ -347,6 +348,10 @@ def load_encoder(encoder_dir: str | os.PathLike, *, prefer_gpu: bool = True) -> 
     if not encoder_dir.is_dir():
         raise ModelError(f"encoder directory not found: {encoder_dir}")
     spec = read_spec(encoder_dir)
+    if spec.kind == "text" and spec.pooling == "static":
+        from .static_encoder import load_static_encoder
+
+        return load_static_encoder(encoder_dir, spec)
     onnx_path = encoder_dir / spec.onnx_file
     _check_file(onnx_path, spec.onnx_sha256)
     if spec.kind == "text":

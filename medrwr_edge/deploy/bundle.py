@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from .. import __version__, assets
 from ..errors import InputError, IntegrityError, MedrwrError, ModelError
-from ..paths import atomic_directory, models_dir, packs_dir, sha256_file
+from ..paths import atomic_directory, models_dir, packs_dir, replace_directory, sha256_file
 from . import verify_and_install as standalone
 from .signing import Signer, signature_text
 
@@ -405,14 +405,8 @@ def create(out: str | os.PathLike, signing_key: str | os.PathLike, *, models: Op
         if archive:
             _write_tar(partial, out)
             shutil.rmtree(partial, ignore_errors=True)
-        elif out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(partial, out)
-            shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(partial, out)
+            replace_directory(partial, out)  # an existing OUT was refused above unless --force
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

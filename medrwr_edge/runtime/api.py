@@ -123,7 +123,7 @@ class Session:
 
         loop = MedRwRLoop(
             self.backend,
-            self._text_retriever(settings),
+            self.text_retriever(settings),
             PackImageRetriever(self.image_pack) if self.image_pack is not None and settings.cdir else None,
             settings.loop_config(),
         )
@@ -148,7 +148,8 @@ class Session:
         record.timings["total"] = round(time.perf_counter() - t0, 4)
         return record
 
-    def _text_retriever(self, settings: AskSettings):
+    def text_retriever(self, settings: AskSettings):
+        """What `<query>` searches: the knowledge packs, and the patient history when one was opened."""
         from .retrieval import PackTextRetriever
 
         knowledge = PackTextRetriever(self.text_packs, settings.search_mode) if self.text_packs else None

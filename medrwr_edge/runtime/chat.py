@@ -171,7 +171,7 @@ class Chat:
         self.backend = self.session.backend
         self.limits = limits or ChatLimits()
         if retriever is None:  # the packs, and the patient's history when a key was given (as `ask` searches)
-            retriever = self.session._text_retriever(self.settings)
+            retriever = self.session.text_retriever(self.settings)
         self.retriever = retriever
         self._loop = MedRwRLoop(self.backend, retriever, None, self.settings.loop_config())
         self.system = P.system_prompt(has_image=self.backend.info.has_vision, open_ended=True) + CHAT_LINE

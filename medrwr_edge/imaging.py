@@ -198,7 +198,7 @@ def _decode_dicom_quietly(data: bytes, path: Path, frame: Optional[int], max_pix
         raise InputError(f"DICOM image {path} is too large to decode safely ({cols}x{rows}, {n_frames} frames)")
     index = n_frames // 2 if frame is None else frame
     if not 0 <= index < n_frames:
-        raise InputError(f"frame {frame} out of range: {path} has {n_frames} frames")
+        raise InputError(f"frame {frame} out of range: {path} has {n_frames} frame{'s' if n_frames != 1 else ''}")
 
     try:
         array = ds.pixel_array

@@ -209,7 +209,7 @@ def test_resume_refuses_a_different_run(packs, items, tmp_path, medrwr_home):
         with pytest.raises(InputError, match="item q1 has changed"):
             run_eval(changed, session, out, ["plain"], dataset=same)
         with pytest.raises(InputError, match="unknown mode"):
-            run_eval(items, session, out, ["plain", "rag"])
+            run_eval(items, session, out, ["plain", "bogus"])
 
 
 def test_plain_answers_can_be_joined_by_pack_modes_later(packs, items, tmp_path, medrwr_home):
@@ -279,8 +279,8 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path):
     assert isinstance(res.exception, InputError) and "--workers 4 is refused" in str(res.exception)
     res = CliRunner().invoke(app, ["eval", "builtin:nope"])
     assert isinstance(res.exception, InputError) and "unknown built-in set" in str(res.exception)
-    res = CliRunner().invoke(app, ["eval", str(bad), "--modes", "plain,rag"])
-    assert isinstance(res.exception, InputError) and "unknown mode 'rag'" in str(res.exception)
+    res = CliRunner().invoke(app, ["eval", str(bad), "--modes", "plain,bogus"])
+    assert isinstance(res.exception, InputError) and "unknown mode 'bogus'" in str(res.exception)
     res = CliRunner().invoke(app, ["eval", str(bad), "--shard", "5/4"])
     assert isinstance(res.exception, InputError) and "--shard" in str(res.exception)
 
@@ -346,9 +346,12 @@ def test_option_text_answers_are_scored_and_counted_apart(packs, tmp_path, medrw
     item = [EvalItem("t1", "Q-text: which?", OPTS, "B", ["Asthma"])]
     with _session(packs, ByQuestion(scripts)) as session:
         s = run_eval(item, session, tmp_path / "txt", ["plain"])["modes"]["plain"]
-    assert (s["correct"], s["letters_from_option_text"], s["correct_by_option_text"]) == (1, 1, 1)
+    # strict (the paper's leading-letter rule) is the headline; the option's text counts only as lenient
+    assert (s["correct"], s["letters_from_option_text"], s["correct_by_option_text"]) == (0, 1, 1)
+    assert (s["accuracy"], s["accuracy_lenient"]) == (0.0, 1.0)
     rec = read_records(tmp_path / "txt" / "records.jsonl")[0]
     assert rec["predicted_letter"] == "B" and rec["letter_source"] == "option-text"
+    assert rec["correct"] is False and rec["correct_lenient"] is True
     from medrwr_edge.runtime.protocol import answer_letter
 
     assert answer_letter(rec["answer"], list("ABCD")) is None  # the paper's strict rule would not count it

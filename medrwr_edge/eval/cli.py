@@ -17,7 +17,7 @@ BUILTIN = {
     "builtin:images": "the image MCQ set (modality / body region) from the reference image sources",
 }
 
-EVAL_HELP = """Evaluate the runtime on a dataset, in each mode (plain, retrieval, retrieval+cdir).
+EVAL_HELP = """Evaluate the runtime on a dataset, in each mode (plain, rag, retrieval, retrieval+cdir).
 
 DATASET is a JSONL/JSON file (layouts: mcq, medxpertqa, mmmu, ecbench, diagnosisarena; detected from the first
 record) or a built-in set: builtin:icd10, builtin:images. Per-item records go to OUT/records.jsonl, the summary
@@ -81,7 +81,9 @@ def eval_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="GGUF file or installed model name"),
     pack: Optional[List[str]] = typer.Option(None, "--pack", "-p", help="knowledge pack (name or path; repeat)"),
     image_pack: Optional[str] = typer.Option(None, "--image-pack", help="CDIR reference image pack"),
-    modes: str = typer.Option("plain,retrieval,retrieval+cdir", "--modes", help="comma-separated modes"),
+    modes: str = typer.Option("plain,rag,retrieval,retrieval+cdir", "--modes", help="comma-separated modes"),
+    protocol: str = typer.Option("auto", "--protocol", help="auto, native or guided (auto: native for Med-RwR "
+                                 "models, guided for models never trained on the protocol); rag mode is its own"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N valid items"),
     workers: int = typer.Option(1, "--workers", help="worker processes (only 1 is useful on one CPU model)"),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: evaluate every N-th item starting at K"),
@@ -128,7 +130,8 @@ def eval_command(
     if threads is not None and threads < 1:
         raise InputError("--threads must be at least 1")
     settings = AskSettings(seed=seed, max_tokens=max_tokens, n_ctx=n_ctx, gpu_layers=gpu_layers,
-                           cdir_threshold=threshold, retrieval=needs_retrieval, cdir=needs_cdir, n_threads=threads)
+                           cdir_threshold=threshold, retrieval=needs_retrieval, cdir=needs_cdir, n_threads=threads,
+                           protocol=protocol)
     if out is None:
         stem = Path(dataset).stem if not dataset.startswith("builtin:") else dataset.split(":", 1)[1]
         out = Path(f"eval-{stem}-{Path(model).stem if model else 'default'}")
@@ -209,8 +212,8 @@ def print_summary(summary: dict, out: Optional[os.PathLike]) -> None:
     # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     table = Table(title="medrwr-edge eval", title_justify="left")
-    for col in ("mode", "n", "accuracy (95% CI)", "answered", "retrieval rate", "queries/q", "CDIR rate",
-                "CDIR r→w / w→r", "tokens/q", "s/q"):
+    for col in ("mode", "n", "strict accuracy (95% CI)", "lenient", "answered", "retrieval rate", "queries/q",
+                "runtime queries", "CDIR rate", "CDIR r→w / w→r", "tokens/q", "s/q"):
         table.add_column(col, justify="left" if col == "mode" else "right")
     for mode, s in summary["modes"].items():
         acc = "–" if s["accuracy"] is None else f"{_pct(s['accuracy'])} ({_pct(s['accuracy_ci95'][0])}–" \
@@ -218,8 +221,9 @@ def print_summary(summary: dict, out: Optional[os.PathLike]) -> None:
         if s.get("open_items"):
             acc += f" · open top-1 {_pct(s['open_top1_accuracy'])}, top-5 {_pct(s['open_top5_accuracy'])}"
         table.add_row(
-            mode, str(s["n"]), acc, f"{s['answered']}/{s['n']}", _pct(s["retrieval_rate"]),
-            f"{s['queries_per_question'] or 0:.2f}", _pct(s["cdir_trigger_rate"]),
+            mode, str(s["n"]), acc, _pct(s.get("accuracy_lenient")), f"{s['answered']}/{s['n']}",
+            _pct(s["retrieval_rate"]), f"{s['queries_per_question'] or 0:.2f}", str(s.get("queries_by_runtime", 0)),
+            _pct(s["cdir_trigger_rate"]),
             f"{s['cdir_right_to_wrong']} / {s['cdir_wrong_to_right']}",
             f"{s['tokens_generated_per_question'] or 0:.0f}", f"{s['seconds_per_question'] or 0:.2f}",
         )

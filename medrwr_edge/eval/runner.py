@@ -5,6 +5,8 @@ per-question overrides:
 
     plain           retrieval off (a query is answered "<retrieve> None </retrieve>", as in the paper's
                     no-retrieval ablation), CDIR off
+    rag             the baseline a user would script instead: one search on the question, the top entries in the
+                    user turn, one answering pass, the letter read as in guided decoding; CDIR off
     retrieval       retrieval on, CDIR off
     retrieval+cdir  retrieval on, CDIR on (threshold from the session's settings, paper: 0.8)
 
@@ -37,10 +39,11 @@ from .scoring import LlmJudge, option_from_text, score_open
 
 MODES: dict[str, dict] = {
     "plain": {"retrieval": False, "cdir": False},
+    "rag": {"retrieval": True, "cdir": False, "protocol": "rag"},
     "retrieval": {"retrieval": True, "cdir": False},
     "retrieval+cdir": {"retrieval": True, "cdir": True},
 }
-DEFAULT_MODES = ("plain", "retrieval", "retrieval+cdir")
+DEFAULT_MODES = ("plain", "retrieval", "retrieval+cdir")  # the API default; `medrwr-edge eval` adds rag
 RUN_SCHEMA = "medrwr-edge/eval-run/1"
 RECORD_SCHEMA = "medrwr-edge/eval-record/1"
 SUMMARY_SCHEMA = "medrwr-edge/eval-summary/1"
@@ -136,6 +139,7 @@ def rescore(record: dict) -> dict:
         status=ev.get("status"),
         confidence=ev.get("confidence"),
         queries=sum(1 for st in steps if st.get("type") == "query"),
+        queries_by_runtime=sum(1 for st in steps if st.get("type") == "query" and st.get("issued_by") == "runtime"),
         retrievals_with_docs=sum(1 for st in steps if st.get("type") == "retrieve" and st.get("docs")),
         tokens_generated=ev.get("tokens", {}).get("generated", 0),
         tokens_decoded=ev.get("tokens", {}).get("decoded", 0),
@@ -143,13 +147,14 @@ def rescore(record: dict) -> dict:
         cdir=None,
     )
     if record["kind"] == "mcq":
-        # "letter": a leading option letter (the paper's rule); "option-text": the answer gave an option's text,
-        # read as its letter by the runtime or, for records written before it did, here.
+        # "letter": a leading option letter (the paper's rule: `correct`, the headline); "option-text": the answer
+        # gave an option's text, read as its letter by the runtime or, for older records, here (`correct_lenient`).
         letter = ev.get("letter") or (option_from_text(ev["answer"], options) if ev.get("answer") else None)
         strict = answer_letter(ev.get("answer"), [o[0] for o in options])
         source = "letter" if strict else ("option-text" if letter else None)
         record.update(predicted_letter=letter, letter_source=source,
-                      correct=letter is not None and letter == record["gold_letter"])
+                      correct=strict is not None and strict == record["gold_letter"],
+                      correct_lenient=letter is not None and letter == record["gold_letter"])
     else:
         s = score_open(ev.get("answer"), record["gold"])
         record.update(predicted_letter=None, correct=s.top1, top5=s.top5, candidates=s.candidates,
@@ -181,7 +186,7 @@ def error_record(item: EvalItem, mode: str, message: str) -> dict:
             "evidence": None, "answer": None,
             "predicted_letter": None, "status": "error", "error": message, "confidence": None, "queries": 0,
             "retrievals_with_docs": 0, "tokens_generated": 0, "tokens_decoded": 0, "seconds": 0.0, "cdir": None,
-            "correct": False}
+            "correct": False, "correct_lenient": False}
 
 
 # ------------------------------------------------------------------ statistics
@@ -223,6 +228,7 @@ def summarize(records: Sequence[dict], modes: Sequence[str]) -> dict:
         mcq = [r for r in rs if r["kind"] == "mcq"]
         open_ = [r for r in rs if r["kind"] == "open"]
         k = sum(1 for r in mcq if r["correct"])
+        lenient = sum(1 for r in mcq if r.get("correct_lenient", r["correct"]))
         cdirs = [r["cdir"] for r in rs if r.get("cdir")]
         s = {
             "n": len(rs),
@@ -230,6 +236,8 @@ def summarize(records: Sequence[dict], modes: Sequence[str]) -> dict:
             "correct": k,
             "accuracy": round(k / len(mcq), 4) if mcq else None,
             "accuracy_ci95": [round(x, 4) for x in wilson_interval(k, len(mcq))] if mcq else None,
+            # an option's text read as its letter counts too (not the paper's rule; reported beside it)
+            "accuracy_lenient": round(lenient / len(mcq), 4) if mcq else None,
             "answered": sum(1 for r in rs if r["status"] == "answered"),
             "no_answer": sum(1 for r in rs if r["status"] == "no-answer"),
             "errors": sum(1 for r in rs if r["status"] == "error"),
@@ -238,6 +246,8 @@ def summarize(records: Sequence[dict], modes: Sequence[str]) -> dict:
             "correct_by_option_text": sum(1 for r in mcq if r.get("letter_source") == "option-text" and r["correct"]),
             "retrieval_rate": round(sum(1 for r in rs if r["retrievals_with_docs"]) / len(rs), 4) if rs else None,
             "queries_per_question": _mean([r["queries"] for r in rs]),
+            "queries_by_runtime": sum(r.get("queries_by_runtime", 0) for r in rs),
+            "queries_by_model": sum(r["queries"] - r.get("queries_by_runtime", 0) for r in rs),
             "cdir_triggered": len(cdirs),
             "cdir_trigger_rate": round(len(cdirs) / len(rs), 4) if rs else None,
             "cdir_changed": sum(1 for c in cdirs if c["changed"]),
@@ -366,7 +376,7 @@ def run_eval(
             raise MedrwrError(f"{run_file} is damaged; give --restart to start over") from None
         check_compatible(old, header, out)
         held = set(old.get("modes", [])) | set(modes)
-        header["modes"] = [m for m in MODES if m in held]  # canonical order: plain, retrieval, retrieval+cdir
+        header["modes"] = [m for m in MODES if m in held]  # canonical order: plain, rag, retrieval, retrieval+cdir
         if not uses_packs(modes):
             header["packs"] = old.get("packs", [])  # a plain-only resume keeps the packs of the earlier run
     atomic_write_text(run_file, json.dumps(header, indent=2, ensure_ascii=False) + "\n")

@@ -19,6 +19,7 @@ from .steps import EvidenceRecord
 DEFAULT_TEXT_PACK = "icd10cm-core"
 DEFAULT_IMAGE_PACK = "reference-images"
 MAX_QUESTION_CHARS = 20_000
+PROTOCOL_CHOICES = ("auto", "native", "guided", "rag")
 
 PathLike = Union[str, os.PathLike]
 
@@ -49,9 +50,19 @@ class AskSettings:
     # figures of one question (MMMU's <image 1>, <image 2>): labelled "Image 1:", ..., no order or modality rules.
     images_are_studies: bool = True
     frame: Optional[int] = None  # multi-frame DICOM: which frame (slice) of the current image; None: the middle
+    # "auto": native for models trained on the Med-RwR protocol (exported Med-RwR bundles, GGUFs that declare it),
+    # guided for every other model; "native": the paper's protocol byte for byte; "guided": protocol guidance
+    # (runtime/loop.py); "rag": the baseline (one search on the question, entries in the user turn)
+    protocol: str = "auto"
 
-    def loop_config(self) -> LoopConfig:
+    def resolved_protocol(self, backend) -> str:
+        if self.protocol != "auto":
+            return self.protocol
+        return "native" if backend.info.declares_protocol else "guided"
+
+    def loop_config(self, protocol: str = "native") -> LoopConfig:
         return LoopConfig(
+            protocol=protocol,
             max_passes=self.max_passes,
             top_k=self.top_k_docs,
             retrieval=self.retrieval,
@@ -125,7 +136,7 @@ class Session:
             self.backend,
             self.text_retriever(settings),
             PackImageRetriever(self.image_pack) if self.image_pack is not None and settings.cdir else None,
-            settings.loop_config(),
+            settings.loop_config(settings.resolved_protocol(self.backend)),
         )
         record = EvidenceRecord(
             question=question,
@@ -233,6 +244,8 @@ def _check_settings(s: AskSettings) -> None:
         raise InputError("the thread count must be at least 1")
     if s.frame is not None and (not isinstance(s.frame, int) or s.frame < 0):
         raise InputError(f"--frame must be a frame number ≥ 0 (got {s.frame})")
+    if s.protocol not in PROTOCOL_CHOICES:
+        raise InputError(f"protocol must be one of {', '.join(PROTOCOL_CHOICES)} (got {s.protocol!r})")
     if s.top_k_diagnoses is not None and not (isinstance(s.top_k_diagnoses, int) and 1 <= s.top_k_diagnoses <= 10):
         raise InputError(f"--top-k-diagnoses must be between 1 and 10 (got {s.top_k_diagnoses})")
 
@@ -347,7 +360,9 @@ def load_backend(model: Optional[PathLike], settings: AskSettings):
     if is_bundle(path):  # an exported Med-RwR bundle: GGUF decoder + ONNX vision encoder, hashes checked
         from .multimodal_backend import load_bundle
 
-        return load_bundle(path, n_ctx=settings.n_ctx, gpu_layers=settings.gpu_layers, seed=settings.seed)
+        backend = load_bundle(path, n_ctx=settings.n_ctx, gpu_layers=settings.gpu_layers, seed=settings.seed)
+        backend.info.declares_protocol = True  # an exported Med-RwR checkpoint: trained on the protocol
+        return backend
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:

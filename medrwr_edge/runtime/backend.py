@@ -88,6 +88,9 @@ class BackendInfo:
     device: str  # "cpu", "cuda", "metal", ... what actually runs the model
     gpu_layers: int = 0
     notes: list[str] = field(default_factory=list)  # e.g. "GPU requested but this build is CPU-only: ran on CPU"
+    # The model was trained on the Med-RwR protocol (an exported Med-RwR bundle, or a GGUF whose metadata says
+    # `medrwr.protocol = native`): `protocol="auto"` runs it native; any other model runs guided.
+    declares_protocol: bool = False
 
 
 @runtime_checkable
@@ -121,3 +124,11 @@ class Backend(Protocol):
         """Keep the first n_keep tokens of the sequence, drop the rest from the KV cache."""
 
     def close(self) -> None: ...
+
+
+# Optional, used by guided decoding and the letter confidence (runtime/answers.py); a backend without it gets
+# `confidence_kind: "not-comparable"` for letters the model did not write itself:
+#
+#     def next_token_probs(self, token_ids: Sequence[int]) -> list[float]:
+#         """The probability (softmax at temperature 1 on the raw logits, as GeneratedToken.prob) of each given
+#         token at the next position of the sequence. Decodes nothing; the sequence is unchanged."""

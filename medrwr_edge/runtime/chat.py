@@ -51,7 +51,7 @@ from . import protocol as P
 from .api import AskSettings, PreparedImages, Session, _check_question, _model_record
 from .backend import BackendStats, ImageInput, PromptPart, SamplingSettings
 from .loop import EventSink, MedRwRLoop, TextRetriever
-from .steps import Answer, EvidenceRecord, PassStats, Query, RetrievedDoc, Retrieve, Step, Think
+from .steps import Answer, EvidenceRecord, Query, RetrievedDoc, Retrieve, Step
 
 CHAT_SCHEMA = "medrwr-edge/chat/1"
 PathLike = Union[str, os.PathLike]
@@ -173,7 +173,8 @@ class Chat:
         if retriever is None:  # the packs, and the patient's history when a key was given (as `ask` searches)
             retriever = self.session.text_retriever(self.settings)
         self.retriever = retriever
-        self._loop = MedRwRLoop(self.backend, retriever, None, self.settings.loop_config())
+        self.protocol = self.settings.resolved_protocol(self.backend)
+        self._loop = MedRwRLoop(self.backend, retriever, None, self.settings.loop_config(self.protocol))
         self.system = P.system_prompt(has_image=self.backend.info.has_vision, open_ended=True) + CHAT_LINE
         self.turns: list[ChatTurn] = []
         self._context: list[_ContextTurn] = []  # the turns the KV cache holds, oldest first
@@ -239,61 +240,29 @@ class Chat:
         return turn
 
     def _read(self, head: str, distil: dict, notes: list[str], emit: EventSink):
-        """Append the user turn and the distilled query's retrieve block; generate the reply (Med-RwR passes)."""
-        be, cfg, loop = self.backend, self._loop.config, self._loop
+        """Append the user turn and the distilled query's retrieve block; generate the reply (the loop's passes)."""
+        be, loop = self.backend, self._loop
         steps: list[Step] = []
-        passes: list[PassStats] = []
-        assistant, generated = "", ""
+        assistant = ""
         if distil["query"]:
             prefix = f"{P.QUERY_OPEN} {distil['query']} {P.QUERY_CLOSE}"
             be.append_text(head + prefix)
-            step = Query(distil["query"], distil["raw"], 0)
+            step = Query(distil["query"], distil["raw"], 0, issued_by="model" if distil["source"] == "model"
+                         else "runtime")
             steps.append(step)
             emit("query", step)
-            retrieve = loop._retrieve(distil["query"], 0, step)
+            retrieve = loop.search_and_splice(distil["query"], 0, step)
             steps.append(retrieve)
             emit("retrieve", retrieve)
             assistant = prefix + retrieve.block
         elif head:
             be.append_text(head)
-        answer = None
-        for pass_index in range(cfg.max_passes):
-            gen = be.generate(cfg.sampling, [P.QUERY_CLOSE, P.ANSWER_CLOSE], on_piece=lambda p: emit("piece", p))
-            assistant += gen.text
-            generated += gen.text
-            stats = PassStats(pass_index, "reasoning", len(gen.tokens), 0, gen.stop_reason, round(gen.seconds, 4))
-            passes.append(stats)
-            if gen.stop_string == P.QUERY_CLOSE:
-                q_start = max(gen.text.rfind(P.QUERY_OPEN), 0)
-                if gen.text[:q_start].strip():
-                    steps.append(Think(gen.text[:q_start].strip(), pass_index))
-                raw = gen.text[q_start:-len(P.QUERY_CLOSE)].replace(P.QUERY_OPEN, "").strip()
-                query = P.extract_query(P.QUERY_OPEN + raw + P.QUERY_CLOSE) or ""
-                step = Query(query, raw, pass_index)
-                steps.append(step)
-                emit("query", step)
-                if pass_index == cfg.max_passes - 1:
-                    step.served, step.reason = False, f"pass limit ({cfg.max_passes} generation passes) reached"
-                    notes.append("the model was still querying at the pass limit; no answer was given")
-                    break
-                retrieve = loop._retrieve(query, pass_index, step, {r.query for r in steps if isinstance(r, Retrieve)})
-                steps.append(retrieve)
-                stats.inserted_tokens = retrieve.tokens_inserted
-                assistant += retrieve.block
-                emit("retrieve", retrieve)
-                continue
-            answer = loop._read_answer(gen, pass_index, [], notes)
-            think_text = gen.text.split(P.ANSWER_OPEN)[0].strip()
-            if think_text and answer.text is not None:
-                steps.append(Think(think_text, pass_index))
-            steps.append(answer)
-            emit("answer", answer)
-            if gen.stop_reason in ("length", "context") and answer.text is None:
-                notes.append(f"generation stopped ({gen.stop_reason}) before an answer was given")
-            break
-        if answer is None:
-            answer = Answer(None, None, None, "none", None, len(passes) - 1)
-        return steps, passes, assistant, generated, answer
+        trace = loop.run_passes([], emit, query_served=True, served={r.query for r in steps if isinstance(r, Retrieve)},
+                                untagged_answers=False)
+        steps += trace.steps
+        notes += trace.notes
+        answer = trace.answer or Answer(None, None, None, "none", None, len(trace.passes) - 1)
+        return steps, trace.passes, assistant + trace.turn, trace.turn, answer
 
     def _close_turn(self, notes: list[str]) -> bool:
         """End the assistant turn in the cache (the end-of-turn token is never kept by generate())."""
@@ -481,6 +450,7 @@ class Chat:
             prompt=prompt,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             medrwr_edge_version=__version__,
+            protocol=self.protocol,
         )
         record.answer, record.confidence, record.confidence_kind = answer.text, answer.confidence, answer.confidence_kind
         record.status = "answered" if answer.text is not None else "no-answer"

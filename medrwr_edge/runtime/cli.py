@@ -53,6 +53,9 @@ def ask_command(
     allow_mixed_modalities: bool = typer.Option(
         False, "--allow-mixed-modalities", help="accept priors of another modality than IMAGE (e.g. MR vs CT)"),
     history: Optional[str] = typer.Option(None, "--history", help="patient key: also search that patient's history"),
+    protocol: str = typer.Option("auto", "--protocol", help="auto, native, guided or rag (auto: native for models "
+                                 "trained on Med-RwR, guided for the others: the runtime writes the tags, serves a "
+                                 "query on every question and reads the option letter the model rates highest)"),
 ) -> None:
     from .api import AskSettings, ask
 
@@ -60,7 +63,7 @@ def ask_command(
         temperature=temperature, seed=seed, max_tokens=max_tokens, retrieval=not no_retrieval, cdir=not no_cdir,
         cdir_threshold=threshold, search_mode=mode, n_ctx=n_ctx, gpu_layers=gpu_layers, n_threads=threads,
         top_k_diagnoses=top_k_diagnoses, cdir_open_ended=cdir_open_ended,
-        allow_mixed_modalities=allow_mixed_modalities, frame=frame,
+        allow_mixed_modalities=allow_mixed_modalities, frame=frame, protocol=protocol,
     )
     from ..errors import InputError
 
@@ -121,6 +124,9 @@ class StreamView:
 
         if kind == "piece":
             self.console.print(Text(payload, style="dim" if payload.strip().startswith("<") else ""), end="")
+        elif kind == "query" and getattr(payload, "issued_by", "model") == "runtime":
+            self.console.print()
+            self.console.print(Text(f"(runtime query from the question: {payload.reason})", style="yellow"))
         elif kind == "retrieve":
             body = Text()
             if not payload.docs:
@@ -163,7 +169,8 @@ class StreamView:
             if record.letter and record.answer and record.answer.strip() != record.letter:
                 line.append(f"  ({record.answer})")
             if record.confidence is not None:
-                label = "confidence" if record.confidence_kind == "first-answer-token" else "mean token probability"
+                label = ("confidence" if record.confidence_kind in ("first-answer-token", "answer-letter")
+                         else "mean token probability")
                 line.append(f"   {label} {record.confidence:.2f}")
                 if record.confidence_kind == "mean-answer-token":
                     line.append(" (not comparable to a letter confidence)", style="dim")

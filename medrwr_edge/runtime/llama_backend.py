@@ -58,6 +58,7 @@ class _LlamaInfo(BackendInfo):
 # Tokens whose logit is this far below the maximum carry < e^-30 of the mass each; top-p skips sorting them.
 _TOP_P_LOGIT_WINDOW = 30.0
 _STATE_MAGIC = b"MRWRKV1\0"
+PROTOCOL_METADATA_KEY = "medrwr.protocol"  # "native" in a GGUF trained on the Med-RwR protocol
 
 
 class PrefixCache:
@@ -149,6 +150,7 @@ class LlamaTextBackend:
             device=device,
             gpu_layers=gpu_layers,
             notes=notes,
+            declares_protocol=self._model.metadata(PROTOCOL_METADATA_KEY) == "native",
         )
         self.stats = BackendStats()
         self._tokens: list[int] = []  # exactly what the KV cache holds, position i = self._tokens[i]
@@ -336,6 +338,18 @@ class LlamaTextBackend:
         self._state_logits = logits
         self._logits_valid = False
         self._checkpoints.clear()
+
+    def next_token_probs(self, token_ids: Sequence[int]) -> list[float]:
+        """Probability of each token at the next position (softmax at temperature 1 on the raw logits, the same
+        number generate() gives a sampled token). Decodes nothing unless the logits must be recomputed."""
+        self._ensure_logits()
+        logits = self._current_logits()
+        m = float(logits.max())
+        buf = self._exp_buf
+        np.subtract(logits, m, out=buf)
+        np.exp(buf, out=buf)
+        total = float(buf.sum())
+        return [float(buf[int(t)]) / total for t in token_ids]
 
     def last_logits(self) -> np.ndarray:
         """A copy of the next-token logits after the current sequence."""

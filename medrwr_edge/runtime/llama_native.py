@@ -167,6 +167,12 @@ class NativeModel:
     def handle(self):
         return self._model
 
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as text (e.g. "general.name"), or None when the file does not have the key."""
+        buf = ctypes.create_string_buffer(512)
+        n = lc.llama_model_meta_val_str(self._model, key.encode("utf-8"), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
     def tokenize(self, text: str | bytes, add_special: bool, parse_special: bool = True) -> list[int]:
         data = text.encode("utf-8") if isinstance(text, str) else text
         if not data:

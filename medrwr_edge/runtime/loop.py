@@ -1,28 +1,37 @@
 """The Med-RwR loop, in one place.
 
     prefill(system + user turn)                       -- the prompt is encoded exactly once
-    for pass in 1..3:
-        generate until </query>, </answer>, end of turn or the token limit
-        if the pass ended in a query (and a pass is left):
-            search the packs, append "\n<retrieve> (1) ..\n(2) ..\n(3) ..\n </retrieve>\n" to the SAME turn
-            and keep decoding from the KV cache
-        else: stop
-    confidence = p(first token after <answer>)
+    run_passes():                                     -- the pass loop every front end shares (ask, chat, GRPO)
+        native (the paper, byte-exact): for pass in 1..3:
+            generate until </query>, </answer>, end of turn or the token limit
+            if the pass ended in a query (and a pass is left):
+                search the packs, append "\n<retrieve> (1) ..\n(2) ..\n(3) ..\n </retrieve>\n" to the SAME turn
+                and keep decoding from the KV cache
+            else: stop
+        guided (models never trained on the protocol): the runtime writes the tags, the model writes inside them
+            <think> model </think>\n<query> model's query, or the runtime's from the question </query>\n
+            <retrieve> ... </retrieve>\n<think> model </think>\n<answer> the option letter the model rates highest </answer>
+    confidence = p(first token after <answer>)      -- the option letter, as the model tokenises it (" C")
     if confidence < threshold (CDIR): take the most similar reference image + caption, roll the KV cache back
         to where the answering pass began, splice the CDIR step, and generate once more.
 
-Every step is appended to an `EvidenceRecord` as it happens.
+`run_passes` returns a `PassTrace` (steps, passes, the turn text, the answer, notes); `run` wraps it, with the
+prompt, CDIR and token counts, into an `EvidenceRecord`. Events to a UI are ("piece", text) and the typed steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
+import numpy as np
+
 from ..errors import InputError
 from . import protocol as P
-from .backend import Backend, Generation, ImageInput, SamplingSettings
+from .backend import Backend, Generation, GeneratedToken, ImageInput, SamplingSettings
 from .steps import Answer, CdirRetrieve, EvidenceRecord, PassStats, Query, RetrievedDoc, Retrieve, Think
 
 
@@ -47,6 +56,9 @@ class ImageRetriever(Protocol):
     def nearest(self, image: ImageInput) -> Optional[ReferenceImage]: ...
 
 
+PROTOCOLS = ("native", "guided", "rag")
+
+
 @dataclass
 class LoopConfig:
     max_passes: int = 3  # generation passes; so at most max_passes - 1 retrievals are served
@@ -59,10 +71,37 @@ class LoopConfig:
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(max_tokens=512))
     # Room kept free in the context for the next generation pass when splicing documents.
     generation_reserve_tokens: int = 512
+    # "native": the paper's protocol; "guided": scaffold tags, a query always served, the letter read at the answer
+    # position; "rag": the baseline (one search on the question, entries in the user turn, one guided answer pass)
+    protocol: str = "native"
+    guided_think_tokens: int = 96  # guided: tokens the model may think before its query and before its answer
+    guided_query_tokens: int = 40  # guided: tokens of the model's query
 
 
-# Events streamed to a UI while the loop runs: ("piece", text), ("retrieve", Retrieve), ("cdir", CdirRetrieve)...
+# Events streamed to a UI while the loop runs: ("piece", text), ("query", Query), ("retrieve", Retrieve),
+# ("answer", Answer), ("cdir", CdirRetrieve).
 EventSink = Callable[[str, object], None]
+
+_PASS_STOPS = [P.QUERY_CLOSE, P.ANSWER_CLOSE]
+# Guided thinking ends at </think>; any other tag, or the start of the system prompt's format lines (which untrained
+# models copy), ends it too and is cut from the turn: the runtime writes the tags itself.
+_ECHO_STARTS = ("If you need more information", "If you can directly reach a conclusion")
+_THINK_STOPS = [P.THINK_CLOSE, P.QUERY_OPEN, P.QUERY_CLOSE, P.ANSWER_OPEN, P.ANSWER_CLOSE, P.RETRIEVE_OPEN,
+                P.THINK_OPEN, *_ECHO_STARTS]
+_QUERY_STOPS = [P.QUERY_CLOSE, "\n", "<"]
+MAX_RUNTIME_QUERY_WORDS = 64
+
+
+@dataclass
+class PassTrace:
+    """What the pass loop produced; `ask`, `chat` and GRPO rollouts each wrap it into their record."""
+
+    steps: list = field(default_factory=list)
+    passes: list[PassStats] = field(default_factory=list)
+    turn: str = ""  # the assistant turn as it sits in the KV cache
+    answer: Optional[Answer] = None
+    notes: list[str] = field(default_factory=list)
+    answer_start: tuple[int, int] = (0, 0)  # (cache length, len(turn)) where the answering pass began
 
 
 class MedRwRLoop:
@@ -77,8 +116,10 @@ class MedRwRLoop:
         self.text_retriever = text_retriever
         self.image_retriever = image_retriever
         self.config = config or LoopConfig()
+        if self.config.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {self.config.protocol!r})")
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ one question
     def run(
         self,
         record: EvidenceRecord,
@@ -92,6 +133,7 @@ class MedRwRLoop:
         t_start = time.perf_counter()
         vision = be.info.has_vision
         open_ended = not options
+        record.protocol = cfg.protocol
         if cfg.top_k_diagnoses is not None and options:
             raise InputError("--top-k-diagnoses asks for a ranked differential of an open-ended question; "
                              "it cannot be combined with options (-o)")
@@ -112,6 +154,9 @@ class MedRwRLoop:
         user = P.user_text(question, options)
         if cfg.top_k_diagnoses is not None:
             user += "\n" + P.differential_request(cfg.top_k_diagnoses)  # ours: the system prompt stays the paper's
+        rag_steps: list = []
+        if cfg.protocol == "rag":
+            user, rag_steps = self._rag_user_turn(question, user, emit)
         parts = P.chatml_prompt(
             P.system_prompt(has_image=bool(images) and vision, open_ended=open_ended),
             user,
@@ -129,56 +174,18 @@ class MedRwRLoop:
                 f"tokens (with {cfg.generation_reserve_tokens} kept for the answer)"
             )
 
-        turn = ""  # the assistant turn so far, exactly as it sits in the KV cache
-        answer_pass_start = (be.n_tokens(), 0)  # (cache length, len(turn)) where the answering pass began
-        answer: Optional[Answer] = None
-
-        for pass_index in range(cfg.max_passes):
-            answer_pass_start = (be.n_tokens(), len(turn))
-            gen = self._generate(["</query>", "</answer>"], emit)
-            turn += gen.text
-            stats = PassStats(pass_index, "reasoning", len(gen.tokens), 0, gen.stop_reason, gen.seconds)
-            record.passes.append(stats)
-
-            if gen.stop_string == P.QUERY_CLOSE:
-                q_start = gen.text.rfind(P.QUERY_OPEN)
-                record.steps.append(Think(gen.text[:q_start].strip(), pass_index))
-                raw_query = gen.text[q_start + len(P.QUERY_OPEN) : -len(P.QUERY_CLOSE)]
-                query = P.extract_query(gen.text[q_start:]) or ""
-                step = Query(query, raw_query.strip(), pass_index)
-                record.steps.append(step)
-                emit("query", step)
-                if pass_index == cfg.max_passes - 1:
-                    step.served, step.reason = False, f"pass limit ({cfg.max_passes} generation passes) reached"
-                    record.notes.append("the model was still querying at the pass limit; no answer was given")
-                    break
-                retrieve = self._retrieve(query, pass_index, step)
-                record.steps.append(retrieve)
-                stats.inserted_tokens = retrieve.tokens_inserted
-                turn += retrieve.block
-                emit("retrieve", retrieve)
-                continue
-
-            # The pass ended with an answer, end of turn, or a limit: this is the answering pass.
-            answer = self._read_answer(gen, pass_index, options, record.notes, whole_turn=pass_index == 0)
-            think_text = gen.text.split(P.ANSWER_OPEN)[0].strip()
-            if answer.answer_kind == "untagged":
-                think_text = gen.text[: gen.text.rfind(answer.text)].strip() if answer.text else ""
-            if think_text:
-                record.steps.append(Think(think_text, pass_index))
-            record.steps.append(answer)
-            emit("answer", answer)
-            if gen.stop_reason in ("length", "context") and answer.text is None:
-                record.notes.append(f"generation stopped ({gen.stop_reason}) before an answer was given")
-            break
-
+        trace = self.run_passes(options, emit, question=question, query_served=cfg.protocol == "rag")
+        record.steps.extend(rag_steps + trace.steps)
+        record.passes.extend(trace.passes)
+        record.notes.extend(trace.notes)
+        answer, turn = trace.answer, trace.turn
         if answer is not None and self._cdir_due(answer, open_ended, images):
             if answer.answer_kind == "untagged":
                 # CDIR's spliced step is written in the protocol's tags; a model that never uses them would be
                 # asked to continue a format it does not know, so its plain answer stands.
                 record.notes.append("CDIR skipped: the answer was given without the Med-RwR tags")
             else:
-                turn = self._cdir(record, answer, answer_pass_start, turn, images, options, emit)
+                turn = self._cdir(record, answer, trace.answer_start, turn, images, options, emit)
 
         final = next((s for s in reversed(record.steps) if isinstance(s, Answer)), None)
         cdir = record.cdir()
@@ -211,13 +218,231 @@ class MedRwRLoop:
         )
         return record
 
-    # ------------------------------------------------------------------ steps
-    def _generate(self, stop: list[str], emit: EventSink) -> Generation:
-        return self.backend.generate(self.config.sampling, stop, on_piece=lambda piece: emit("piece", piece))
+    # ------------------------------------------------------------------ the pass loop
+    def run_passes(
+        self,
+        options: Sequence[P.Option],
+        on_event: Optional[EventSink] = None,
+        *,
+        question: str = "",
+        query_served: bool = False,
+        served: Optional[set] = None,
+        untagged_answers: bool = True,
+    ) -> PassTrace:
+        """Generate the rest of the assistant turn the cache holds (prompt, plus whatever the caller spliced).
 
-    def _retrieve(self, query: str, pass_index: int, step: Query, already_served: Optional[set] = None) -> Retrieve:
-        """Search and splice the block. `already_served`: queries searched earlier in this turn (chat skips them)."""
+        question: what a runtime-issued query searches for (guided). query_served: the caller already served this
+        turn's search (chat's distilled query, rag's entries): guided goes straight to the answer. served: queries
+        searched earlier in this turn, not searched again (chat). untagged_answers: a first pass without any tag
+        that ends the turn is read as a plain answer (SFT-only models)."""
+        emit = on_event or (lambda kind, payload: None)
+        trace = PassTrace()
+        if self.config.protocol == "native":
+            self._native_passes(trace, options, emit, served, untagged_answers)
+        else:
+            pass_index = 0
+            if not query_served and self.config.retrieval and self.text_retriever is not None \
+                    and self.config.max_passes > 1:
+                self._guided_query_pass(trace, question, options, emit)
+                pass_index = 1
+            self._guided_answer_pass(trace, pass_index, options, emit)
+        return trace
+
+    def _native_passes(self, t: PassTrace, options, emit: EventSink, served: Optional[set],
+                       untagged_answers: bool) -> None:
         cfg, be = self.config, self.backend
+        for pass_index in range(cfg.max_passes):
+            t.answer_start = (be.n_tokens(), len(t.turn))
+            gen = be.generate(cfg.sampling, _PASS_STOPS, on_piece=lambda piece: emit("piece", piece))
+            t.turn += gen.text
+            stats = PassStats(pass_index, "reasoning", len(gen.tokens), 0, gen.stop_reason, round(gen.seconds, 4))
+            t.passes.append(stats)
+
+            if gen.stop_string == P.QUERY_CLOSE:
+                q_start = max(gen.text.rfind(P.QUERY_OPEN), 0)
+                if gen.text[:q_start].strip():
+                    t.steps.append(Think(gen.text[:q_start].strip(), pass_index))
+                raw = gen.text[q_start:-len(P.QUERY_CLOSE)].replace(P.QUERY_OPEN, "", 1).strip()
+                step = Query(P.extract_query(P.QUERY_OPEN + raw + P.QUERY_CLOSE) or "", raw, pass_index)
+                t.steps.append(step)
+                emit("query", step)
+                if pass_index == cfg.max_passes - 1:
+                    step.served, step.reason = False, f"pass limit ({cfg.max_passes} generation passes) reached"
+                    t.notes.append("the model was still querying at the pass limit; no answer was given")
+                    break
+                retrieve = self.search_and_splice(step.text, pass_index, step, served)
+                t.steps.append(retrieve)
+                stats.inserted_tokens = retrieve.tokens_inserted
+                t.turn += retrieve.block
+                emit("retrieve", retrieve)
+                if served is not None and step.text:
+                    served.add(step.text)
+                continue
+
+            # The pass ended with an answer, end of turn, or a limit: this is the answering pass.
+            answer = self._read_answer(gen, pass_index, options, t.notes, t.answer_start[0],
+                                       whole_turn=untagged_answers and pass_index == 0)
+            think_text = gen.text.split(P.ANSWER_OPEN)[0].strip()
+            if answer.answer_kind == "untagged":
+                think_text = gen.text[: gen.text.rfind(answer.text)].strip() if answer.text else ""
+            if think_text:
+                t.steps.append(Think(think_text, pass_index))
+            t.steps.append(answer)
+            t.answer = answer
+            emit("answer", answer)
+            if gen.stop_reason in ("length", "context") and answer.text is None:
+                t.notes.append(f"generation stopped ({gen.stop_reason}) before an answer was given")
+            break
+
+    # ------------------------------------------------------------------ guided decoding
+    def _guided_query_pass(self, t: PassTrace, question: str, options, emit: EventSink) -> None:
+        """<think> the model </think>\n<query> the model's query, or the runtime's </query>, then the retrieve block."""
+        be, cfg = self.backend, self.config
+        stats = PassStats(0, "reasoning", 0, 0, "", 0.0)
+        t.passes.append(stats)
+        self._guided_think(t, stats, 0, emit)
+        self._write(t, stats, P.QUERY_OPEN, emit)
+        n_query = be.n_tokens()
+        gen = self._generate_into(t, stats, _QUERY_STOPS, cfg.guided_query_tokens, emit, keep_in_turn=False)
+        raw = gen.text[: len(gen.text) - len(gen.stop_string or "")].strip()
+        model_query = P.extract_query(P.QUERY_OPEN + raw + P.QUERY_CLOSE) or ""
+        t0 = time.perf_counter()
+        reason = _unusable_query(model_query, question + "\n" + "\n".join(o.text for o in options))
+        docs: list[RetrievedDoc] = []
+        if not reason:
+            docs = self.text_retriever.search(model_query, cfg.top_k)[: cfg.top_k]
+            if not docs:
+                reason = "the model's query found nothing in the packs"
+        query, issued_by = model_query, "model"
+        if reason:
+            query, issued_by = runtime_query(question), "runtime"
+            docs = self.text_retriever.search(query, cfg.top_k)[: cfg.top_k] if query else []
+        search_seconds = time.perf_counter() - t0
+        # The cache holds exactly "<query> {query} </query>": the model's words as searched, or the runtime's.
+        be.rollback(n_query)
+        self._write(t, stats, f" {query} {P.QUERY_CLOSE}", emit)
+        step = Query(query, raw, 0, served=bool(docs), reason=reason + ("; searched the question instead"
+                                                                          if reason else ""), issued_by=issued_by)
+        if not docs:
+            step.reason = (step.reason + "; " if step.reason else "") + "nothing found"
+        t.steps.append(step)
+        emit("query", step)
+        retrieve = self._splice(query, docs, 0, search_seconds)
+        t.steps.append(retrieve)
+        stats.inserted_tokens += retrieve.tokens_inserted
+        t.turn += retrieve.block
+        emit("retrieve", retrieve)
+
+    def _guided_answer_pass(self, t: PassTrace, pass_index: int, options, emit: EventSink,
+                            kind: str = "reasoning") -> Answer:
+        """<think> the model </think>\n<answer> the letter the model rates highest (or its free text) </answer>"""
+        be, cfg = self.backend, self.config
+        t.answer_start = (be.n_tokens(), len(t.turn))
+        stats = PassStats(pass_index, kind, 0, 0, "", 0.0)
+        t.passes.append(stats)
+        self._guided_think(t, stats, pass_index, emit)
+        self._write(t, stats, P.ANSWER_OPEN, emit)
+        answer = self._guided_letter(t, stats, pass_index, options, emit) if options else None
+        if answer is None:  # open-ended, or a backend that cannot read the letters: the model writes the answer
+            n_answer = be.n_tokens()
+            gen = self._generate_into(t, stats, [P.ANSWER_CLOSE], cfg.sampling.max_tokens, emit)
+            text = P.ANSWER_OPEN + gen.text
+            read = Generation(text, [GeneratedToken(-1, P.ANSWER_OPEN, 1.0)] + gen.tokens, gen.stop_reason,
+                              gen.stop_string)
+            answer = self._read_answer(read, pass_index, options, t.notes, n_answer - len(be.tokenize(P.ANSWER_OPEN)))
+            if answer.text is None and gen.stop_reason in ("length", "context"):
+                t.notes.append(f"generation stopped ({gen.stop_reason}) before the answer was closed")
+        t.steps.append(answer)
+        t.answer = answer
+        emit("answer", answer)
+        return answer
+
+    def _guided_letter(self, t: PassTrace, stats: PassStats, pass_index: int, options, emit) -> Optional[Answer]:
+        """The option letter read where the model would write it (right after "<answer>", as " C": one token),
+        from the model's own, unconstrained distribution; its probability is the confidence, as in native."""
+        from .letters import letter_probs
+
+        letters = [o.letter for o in options]
+        probs = letter_probs(self.backend, letters)
+        if probs is None:
+            t.notes.append("this backend cannot read the option letters' probabilities; the model wrote the answer")
+            return None
+        s = self.config.sampling
+        if s.temperature == 0:
+            letter = max(letters, key=lambda x: probs[x])  # ties: the first option
+        else:  # the model's distribution restricted to the letters, at the sampling temperature
+            w = np.array([probs[x] for x in letters], dtype=np.float64) ** (1.0 / s.temperature)
+            w = w / w.sum() if w.sum() > 0 else np.full(len(letters), 1.0 / len(letters))
+            letter = letters[int(np.random.default_rng([s.seed, pass_index]).choice(len(letters), p=w))]
+        self._write(t, stats, f" {letter} {P.ANSWER_CLOSE}", emit)
+        mass = sum(probs.values())
+        if mass < 0.5:
+            t.notes.append(f"the option letters held {mass:.0%} of the model's probability at the answer position; "
+                           f"the letter it rated highest was read")
+        return Answer(letter, letter, probs[letter], "first-answer-token", f" {letter}", pass_index)
+
+    def _guided_think(self, t: PassTrace, stats: PassStats, pass_index: int, emit: EventSink) -> None:
+        """<think> what the model writes, cut at </think>, any other tag or an echoed format line </think>\n"""
+        if self.config.guided_think_tokens <= 0:
+            return
+        self._write(t, stats, P.THINK_OPEN, emit)
+        gen = self._generate_into(t, stats, _THINK_STOPS, self.config.guided_think_tokens, emit)
+        body = gen.text
+        if gen.stop_string == P.THINK_CLOSE:
+            body = body[: -len(P.THINK_CLOSE)]
+            self._write(t, stats, "\n", emit)
+        else:
+            if gen.stop_string in _ECHO_STARTS:
+                t.notes.append("guided: the model began to copy the system prompt's format line; it was cut")
+            self._write(t, stats, " " + P.THINK_CLOSE + "\n", emit)
+        body = body.strip()
+        if body:
+            t.steps.append(Think(body, pass_index))
+
+    def _generate_into(self, t: PassTrace, stats: PassStats, stop: list[str], max_tokens: int, emit: EventSink,
+                       keep_in_turn: bool = True) -> Generation:
+        """Generate with `stop`; a stop string other than the first ("</think>", "</answer>") is cut from the cache
+        and the returned text. The kept text joins the turn unless keep_in_turn is False (the caller rewrites it)."""
+        be = self.backend
+        n0 = be.n_tokens()
+        settings = dataclasses.replace(self.config.sampling, max_tokens=max_tokens)
+        gen = be.generate(settings, stop, on_piece=lambda piece: emit("piece", piece))
+        stats.generated_tokens += len(gen.tokens)
+        stats.seconds = round(stats.seconds + gen.seconds, 4)
+        stats.stop_reason = gen.stop_reason
+        if gen.stop_string is not None and gen.stop_string != stop[0]:
+            kept = _cut_generation(be, n0, gen, len(gen.text) - len(gen.stop_string))
+            gen = dataclasses.replace(gen, text=kept, stop_string=None)
+        if keep_in_turn:
+            t.turn += gen.text
+        return gen
+
+    def _write(self, t: PassTrace, stats: PassStats, text: str, emit: EventSink) -> None:
+        """Text the runtime writes into the turn (guided scaffold tags)."""
+        stats.inserted_tokens += self.backend.append_text(text)
+        t.turn += text
+        emit("piece", text)
+
+    def _rag_user_turn(self, question: str, user: str, emit: EventSink) -> tuple[str, list]:
+        """The baseline a user would script: one search on the question, the top entries before it in the user turn."""
+        query = runtime_query(question)
+        step = Query(query, "", 0, issued_by="runtime", reason="rag baseline: one search on the question")
+        t0 = time.perf_counter()
+        docs = self.text_retriever.search(query, self.config.top_k)[: self.config.top_k] \
+            if (self.text_retriever is not None and self.config.retrieval and query) else []
+        step.served = bool(docs)
+        block = P.rag_entries(d.snippet for d in docs)
+        retrieve = Retrieve(query, docs, block, 0, 0, False, round(time.perf_counter() - t0, 4))
+        emit("query", step)
+        emit("retrieve", retrieve)
+        return block + user, [step, retrieve]
+
+    # ------------------------------------------------------------------ steps
+    def search_and_splice(self, query: str, pass_index: int, step: Query,
+                          already_served: Optional[set] = None) -> Retrieve:
+        """Search the packs for `query` and splice the retrieve block into the turn (the KV cache).
+        `already_served`: queries searched earlier in this turn (chat): not searched again."""
+        cfg = self.config
         t0 = time.perf_counter()
         docs: list[RetrievedDoc] = []
         if not cfg.retrieval:
@@ -231,11 +456,12 @@ class MedRwRLoop:
         else:
             docs = self.text_retriever.search(query, cfg.top_k)[: cfg.top_k]
         step.served = bool(docs) or not step.reason
-        search_seconds = time.perf_counter() - t0
+        return self._splice(query, docs, pass_index, time.perf_counter() - t0)
 
+    def _splice(self, query: str, docs: list[RetrievedDoc], pass_index: int, search_seconds: float) -> Retrieve:
         # The cache ends exactly at "</query>": a newline, then the block, as in the reference's layout.
         block, truncated = self._fit_block(docs)
-        inserted = be.append_text("\n" + block)
+        inserted = self.backend.append_text("\n" + block)
         return Retrieve(query, docs, "\n" + block, inserted, pass_index, truncated, round(search_seconds, 4))
 
     def _fit_block(self, docs: list[RetrievedDoc]) -> tuple[str, bool]:
@@ -260,9 +486,10 @@ class MedRwRLoop:
         return block, truncated
 
     def _read_answer(self, gen: Generation, pass_index: int, options: Sequence[P.Option], notes: list[str],
-                     whole_turn: bool = False) -> Answer:
-        """The answer of a pass. `whole_turn`: this pass is the whole assistant turn (no earlier query), so a
-        turn without any Med-RwR tag that ended at end of turn is read as a plain answer (SFT-only models)."""
+                     n_start: int, whole_turn: bool = False) -> Answer:
+        """The answer of a pass that began at cache length `n_start`. `whole_turn`: this pass is the whole assistant
+        turn (no earlier query), so a turn without any Med-RwR tag that ended at end of turn is read as a plain
+        answer (SFT-only models)."""
         text = P.parse_answer(gen.text)
         letters = [o.letter for o in options]
         answer_kind, span = "tagged", None
@@ -275,11 +502,13 @@ class MedRwRLoop:
             if span is not None:
                 text, answer_kind = gen.text[span[0] : span[1]], "untagged"
         letter = P.answer_letter(text, letters) if letters else None
+        from_option_text = False
         if letters and letter is None:
             letter = P.letter_from_option_text(text, options)
             note = (f"the answer {text!r} repeats option {letter}'s text; read as {letter} "
                     "(the paper reads only a leading letter)")
-            if letter is not None and note not in notes:
+            from_option_text = letter is not None
+            if from_option_text and note not in notes:
                 notes.append(note)
         if answer_kind == "untagged":
             if letters and letter is None:
@@ -292,7 +521,11 @@ class MedRwRLoop:
         if span is not None:
             answer_from, answer_to = span
             answer_tokens = _tokens_in_span(gen, answer_from, answer_to)
-            if letters:
+            if letters and from_option_text:
+                # The model wrote the option's text: its first token's probability is not the letter's, so read
+                # the letter's own probability at the answer position (one teacher-forced read, rolled back).
+                conf, conf_token, kind = self._letter_probability_at(gen, answer_from, n_start, letter, letters)
+            elif letters:
                 # The paper's confidence: the probability of the first answer token (the option letter).
                 first = next((t for t in answer_tokens if t.piece.strip()), None)
                 if first is not None:
@@ -314,9 +547,35 @@ class MedRwRLoop:
         return Answer(text, letter, conf, kind, conf_token, pass_index,
                       answer_kind=answer_kind if text is not None else "none", differential=differential)
 
+    def _letter_probability_at(self, gen: Generation, char_pos: int, n_start: int, letter: str,
+                               letters: Sequence[str]) -> tuple[Optional[float], Optional[str], str]:
+        """p(" {letter}") where the answer begins (gen.text[char_pos:], decoded from cache length n_start): the
+        cache is cut there, the letter tokens' probabilities read, and the answer decoded back. "not-comparable"
+        when the answer does not begin on a token boundary or the backend cannot read next-token probabilities."""
+        from .letters import letter_probs
+
+        be = self.backend
+        pos, count = 0, 0
+        for tok in gen.tokens:
+            if pos >= char_pos:
+                break
+            pos, count = pos + len(tok.piece), count + 1
+        if pos != char_pos or n_start + count > be.n_tokens():
+            return None, None, "not-comparable"
+        be.rollback(n_start + count)
+        try:
+            probs = letter_probs(be, letters)
+        finally:
+            be.append_text(gen.text[char_pos:])
+        if probs is None:
+            return None, None, "not-comparable"
+        return probs[letter], f" {letter}", "answer-letter"
+
     def _cdir_due(self, answer: Answer, open_ended: bool, images: Sequence[ImageInput]) -> bool:
         cfg = self.config
         if not cfg.cdir or not images or self.image_retriever is None or answer.confidence is None:
+            return False
+        if answer.confidence_kind == "not-comparable":
             return False
         if open_ended and not cfg.cdir_open_ended:
             return False
@@ -388,13 +647,27 @@ class MedRwRLoop:
         emit("cdir", step)
         pass_index = len(record.passes)
         # One regeneration. The turn is not re-opened for more queries: a query here is left unserved.
-        gen = self._generate(["</query>", "</answer>"], emit)
-        turn += gen.text
-        record.passes.append(PassStats(pass_index, "cdir", len(gen.tokens), inserted, gen.stop_reason, gen.seconds))
-        if gen.stop_string == P.QUERY_CLOSE:
-            record.notes.append("CDIR regeneration asked another query; it was not served and the first answer stands")
-        else:
-            second = self._read_answer(gen, pass_index, options, record.notes)
+        second: Optional[Answer] = None
+        if cfg.protocol == "native":
+            n_start = be.n_tokens()
+            gen = be.generate(cfg.sampling, _PASS_STOPS, on_piece=lambda piece: emit("piece", piece))
+            turn += gen.text
+            record.passes.append(PassStats(pass_index, "cdir", len(gen.tokens), inserted, gen.stop_reason,
+                                           round(gen.seconds, 4)))
+            if gen.stop_string == P.QUERY_CLOSE:
+                record.notes.append("CDIR regeneration asked another query; it was not served and the first answer "
+                                    "stands")
+            else:
+                second = self._read_answer(gen, pass_index, options, record.notes, n_start)
+        else:  # guided: think, then the letter, as in the first answering pass
+            regen = PassTrace()
+            second = self._guided_answer_pass(regen, pass_index, options, emit, kind="cdir")
+            regen.passes[0].inserted_tokens += inserted
+            turn += regen.turn
+            record.passes.extend(regen.passes)
+            record.notes.extend(regen.notes)
+            record.steps.extend(s for s in regen.steps if not isinstance(s, Answer))
+        if second is not None:
             if second.text is not None:
                 record.steps.append(second)
                 step.answer_after, step.confidence_after = second.text, second.confidence
@@ -415,3 +688,52 @@ def _tokens_in_span(gen: Generation, start: int, end: int):
             out.append(tok)
         pos = nxt
     return out
+
+
+def _cut_generation(be, n_start: int, gen: Generation, keep_chars: int) -> str:
+    """Cut a pass decoded from cache length n_start back to its first keep_chars characters (a stop string the
+    runtime does not keep): whole tokens up to there stay, the rest of the kept text is decoded anew."""
+    keep = gen.text[:keep_chars]
+    pos, count = 0, 0
+    for tok in gen.tokens:
+        if pos + len(tok.piece) > keep_chars:
+            break
+        pos, count = pos + len(tok.piece), count + 1
+    while count and not gen.tokens[count - 1].piece:  # never end on half a UTF-8 character
+        count -= 1
+    be.rollback(n_start + count)
+    if keep[pos:]:
+        be.append_text(keep[pos:])
+    return keep
+
+
+def runtime_query(question: str) -> str:
+    """The query guided decoding issues when the model's is unusable: the question itself, on one line."""
+    words = P._one_line(question.replace('"', "")).split()
+    return " ".join(words[:MAX_RUNTIME_QUERY_WORDS])
+
+
+_WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]*")
+_STOPWORDS = frozenset(
+    "the and for with what which does code codes icd icd-10-cm cm this that from into are was were is of in on to "
+    "a an or not under denote denotes condition conditions diagnosis patient".split())
+_FORMAT_WORDS = frozenset(w.lower() for w in _WORD_RE.findall(P.SYSTEM_PROMPT_TEXT + P.SYSTEM_PROMPT_IMAGE))
+
+
+def _terms(text: str) -> set[str]:
+    return {w.lower().rstrip(".-") for w in _WORD_RE.findall(text)
+            if (len(w) >= 3 or any(c.isdigit() for c in w)) and w.lower() not in _STOPWORDS}
+
+
+def _unusable_query(query: str, question_and_options: str) -> str:
+    """Why a model's query cannot be served as it is ("" when it can): empty, a copy of the system prompt's
+    instructions, or about nothing the question mentions."""
+    if not query:
+        return "the model wrote no query (empty or punctuation only)"
+    words = [w.lower() for w in _WORD_RE.findall(query)]
+    asked = _terms(question_and_options)
+    if words and all(w in _FORMAT_WORDS for w in words) and not (_terms(query) & asked):
+        return "the model's query copies the system prompt's instructions"
+    if not _terms(query) & asked:
+        return "the model's query shares no term with the question"
+    return ""

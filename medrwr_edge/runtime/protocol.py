@@ -259,6 +259,13 @@ def retrieve_block(docs: Sequence[str]) -> str:
     return f"{RETRIEVE_OPEN} {body} {RETRIEVE_CLOSE}\n"
 
 
+def rag_entries(docs) -> str:
+    """The `rag` baseline's entries, put before the question in the user turn (ours, not the paper's):
+    "Knowledge base entries:\n(1) ..\n(2) ..\n(3) ..\n\n"; nothing when nothing was found."""
+    body = "".join(f"({i + 1}) {_LEADING_NUMBER.sub('', _one_line(d))}\n" for i, d in enumerate(docs))
+    return f"Knowledge base entries:\n{body}\n" if body else ""
+
+
 def cdir_block(caption: str) -> str:
     """CDIR's spliced step. The reference puts `<image>` inside the retrieve block for the reference image; a
     multimodal backend feeds the image there, a text-only one gets the caption only."""

@@ -3,7 +3,9 @@
 Each `generate()` call plays the next scripted output. It honours stop strings exactly like a real backend (text
 after the stop string is discarded), keeps a token list standing in for the KV cache, and counts every token it
 "decodes", so tests can check KV-continuation accounting. Tokens are tags, words, single spaces/punctuation.
-Token probabilities come from `probs`: {token text: probability}, default `default_prob`.
+Token probabilities come from `probs`: {token text: probability}, default `default_prob`; `next_probs`
+({token text: probability}) answers `next_token_probs` (guided letters, the letter confidence). Token ids are
+stable per token text (a growing vocabulary), so a tokenized letter can be looked up again.
 """
 
 from __future__ import annotations
@@ -36,18 +38,28 @@ class ScriptedBackend:
         default_prob: float = 0.9,
         n_ctx: int = 8192,
         has_vision: bool = False,
+        next_probs: Optional[dict[str, float]] = None,
     ):
         self.outputs = list(outputs)
         self.calls = 0
         self.probs = probs or {}
         self.default_prob = default_prob
-        self.info = BackendInfo("scripted", "scripted", "0" * 64, has_vision, n_ctx, "cpu")
+        # Scripts are written in the protocol's tags, as a model trained on Med-RwR writes: "auto" runs it native.
+        self.info = BackendInfo("scripted", "scripted", "0" * 64, has_vision, n_ctx, "cpu", declares_protocol=True)
         self.stats = BackendStats()
         self.cache: list[str] = []  # token texts in the "KV cache"
         self.prefills = 0
+        self.next_probs = next_probs
+        self._vocab: dict[str, int] = {}
 
     def tokenize(self, text: str) -> list[int]:
-        return list(range(len(scripted_tokenize(text))))
+        return [self._vocab.setdefault(t, len(self._vocab)) for t in scripted_tokenize(text)]
+
+    def next_token_probs(self, token_ids: Sequence[int]) -> list[float]:
+        if self.next_probs is None:
+            raise AttributeError("this scripted backend has no next-token distribution (give next_probs)")
+        texts = {i: t for t, i in self._vocab.items()}
+        return [self.next_probs.get(texts.get(i, ""), 0.0) for i in token_ids]
 
     def reset(self) -> None:
         self.cache.clear()

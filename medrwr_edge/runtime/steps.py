@@ -28,6 +28,9 @@ class Query:
     served: bool = True
     reason: str = ""  # why a query was not served (pass limit, retrieval disabled, empty)
     type: str = "query"
+    # "model": the model wrote it; "runtime": guided decoding issued it from the question because the model's own
+    # query was unusable (`raw` then keeps what the model wrote, `reason` says why it was replaced)
+    issued_by: str = "model"
 
 
 @dataclass
@@ -126,6 +129,10 @@ class EvidenceRecord:
     confidence: Optional[float] = None
     confidence_kind: str = "none"
     status: str = "answered"  # "answered" | "no-answer"
+    # How the turn was decoded: "native" (the paper's protocol, byte-exact), "guided" (protocol guidance for models
+    # never trained on it: scaffold tags, a query always served, the letter read at the model's answer position),
+    # "rag" (the baseline: one search on the question, entries in the user turn, one pass)
+    protocol: str = "native"
     answer_kind: str = "none"  # of the final answer: "tagged" | "untagged" (no Med-RwR tags) | "none"
     differential: list[str] = field(default_factory=list)  # --top-k-diagnoses: ranked diagnoses, best first
     tokens: dict = field(default_factory=dict)  # prompt, generated, inserted, decoded, rolled_back

@@ -84,6 +84,9 @@ def eval_command(
     modes: str = typer.Option("plain,rag,retrieval,retrieval+cdir", "--modes", help="comma-separated modes"),
     protocol: str = typer.Option("auto", "--protocol", help="auto, native or guided (auto: native for Med-RwR "
                                  "models, guided for models never trained on the protocol); rag mode is its own"),
+    think_tokens: int = typer.Option(96, "--think-tokens", help="guided/rag: tokens the model may think before its "
+                                     "query and before its answer (0: none)"),
+    no_exemplar: bool = typer.Option(False, "--no-exemplar", help="guided/rag: no worked example in the system turn"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N valid items"),
     workers: int = typer.Option(1, "--workers", help="worker processes (only 1 is useful on one CPU model)"),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: evaluate every N-th item starting at K"),
@@ -131,7 +134,7 @@ def eval_command(
         raise InputError("--threads must be at least 1")
     settings = AskSettings(seed=seed, max_tokens=max_tokens, n_ctx=n_ctx, gpu_layers=gpu_layers,
                            cdir_threshold=threshold, retrieval=needs_retrieval, cdir=needs_cdir, n_threads=threads,
-                           protocol=protocol)
+                           protocol=protocol, guided_think_tokens=think_tokens, guided_exemplar=not no_exemplar)
     if out is None:
         stem = Path(dataset).stem if not dataset.startswith("builtin:") else dataset.split(":", 1)[1]
         out = Path(f"eval-{stem}-{Path(model).stem if model else 'default'}")

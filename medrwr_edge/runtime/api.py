@@ -54,6 +54,8 @@ class AskSettings:
     # guided for every other model; "native": the paper's protocol byte for byte; "guided": protocol guidance
     # (runtime/loop.py); "rag": the baseline (one search on the question, entries in the user turn)
     protocol: str = "auto"
+    guided_think_tokens: int = 96  # guided/rag: tokens the model may think before its query and before its answer
+    guided_exemplar: bool = True  # guided/rag, multiple choice: one worked example in the system turn
 
     def resolved_protocol(self, backend) -> str:
         if self.protocol != "auto":
@@ -63,6 +65,8 @@ class AskSettings:
     def loop_config(self, protocol: str = "native") -> LoopConfig:
         return LoopConfig(
             protocol=protocol,
+            guided_think_tokens=self.guided_think_tokens,
+            guided_exemplar=self.guided_exemplar,
             max_passes=self.max_passes,
             top_k=self.top_k_docs,
             retrieval=self.retrieval,
@@ -244,6 +248,8 @@ def _check_settings(s: AskSettings) -> None:
         raise InputError("the thread count must be at least 1")
     if s.frame is not None and (not isinstance(s.frame, int) or s.frame < 0):
         raise InputError(f"--frame must be a frame number ≥ 0 (got {s.frame})")
+    if s.guided_think_tokens < 0:
+        raise InputError(f"guided_think_tokens must be ≥ 0 (got {s.guided_think_tokens})")
     if s.protocol not in PROTOCOL_CHOICES:
         raise InputError(f"protocol must be one of {', '.join(PROTOCOL_CHOICES)} (got {s.protocol!r})")
     if s.top_k_diagnoses is not None and not (isinstance(s.top_k_diagnoses, int) and 1 <= s.top_k_diagnoses <= 10):

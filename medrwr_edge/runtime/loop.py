@@ -76,6 +76,7 @@ class LoopConfig:
     protocol: str = "native"
     guided_think_tokens: int = 96  # guided: tokens the model may think before its query and before its answer
     guided_query_tokens: int = 40  # guided: tokens of the model's query
+    guided_exemplar: bool = True  # guided, multiple choice: one worked example in the system turn
 
 
 # Events streamed to a UI while the loop runs: ("piece", text), ("query", Query), ("retrieve", Retrieve),
@@ -157,8 +158,11 @@ class MedRwRLoop:
         rag_steps: list = []
         if cfg.protocol == "rag":
             user, rag_steps = self._rag_user_turn(question, user, emit)
+        system = P.system_prompt(has_image=bool(images) and vision, open_ended=open_ended)
+        if cfg.protocol != "native" and cfg.guided_exemplar and options:
+            system += P.GUIDED_EXEMPLAR
         parts = P.chatml_prompt(
-            P.system_prompt(has_image=bool(images) and vision, open_ended=open_ended),
+            system,
             user,
             images,
             vision=vision,
@@ -304,7 +308,7 @@ class MedRwRLoop:
         self._write(t, stats, P.QUERY_OPEN, emit)
         n_query = be.n_tokens()
         gen = self._generate_into(t, stats, _QUERY_STOPS, cfg.guided_query_tokens, emit, keep_in_turn=False)
-        raw = gen.text[: len(gen.text) - len(gen.stop_string or "")].strip()
+        raw = (gen.text[: -len(P.QUERY_CLOSE)] if gen.stop_string == P.QUERY_CLOSE else gen.text).strip()
         model_query = P.extract_query(P.QUERY_OPEN + raw + P.QUERY_CLOSE) or ""
         t0 = time.perf_counter()
         reason = _unusable_query(model_query, question + "\n" + "\n".join(o.text for o in options))
@@ -401,8 +405,9 @@ class MedRwRLoop:
 
     def _generate_into(self, t: PassTrace, stats: PassStats, stop: list[str], max_tokens: int, emit: EventSink,
                        keep_in_turn: bool = True) -> Generation:
-        """Generate with `stop`; a stop string other than the first ("</think>", "</answer>") is cut from the cache
-        and the returned text. The kept text joins the turn unless keep_in_turn is False (the caller rewrites it)."""
+        """Generate with `stop`; a stop string other than the first ("</think>", "</query>", "</answer>") is cut
+        from the cache and from the returned text (its `stop_string` still says which one ended the pass). The kept
+        text joins the turn unless keep_in_turn is False (the caller rewrites it)."""
         be = self.backend
         n0 = be.n_tokens()
         settings = dataclasses.replace(self.config.sampling, max_tokens=max_tokens)
@@ -411,8 +416,7 @@ class MedRwRLoop:
         stats.seconds = round(stats.seconds + gen.seconds, 4)
         stats.stop_reason = gen.stop_reason
         if gen.stop_string is not None and gen.stop_string != stop[0]:
-            kept = _cut_generation(be, n0, gen, len(gen.text) - len(gen.stop_string))
-            gen = dataclasses.replace(gen, text=kept, stop_string=None)
+            gen = dataclasses.replace(gen, text=_cut_generation(be, n0, gen, len(gen.text) - len(gen.stop_string)))
         if keep_in_turn:
             t.turn += gen.text
         return gen

@@ -54,6 +54,19 @@ SYSTEM_PROMPT_OPEN = (
     "First {observe}think about the question within <think> </think> tags. "
 ) + _RETRIEVAL_INSTRUCTIONS.replace("{", "{{").replace("}", "}}")
 
+# Guided decoding only (ours, never in a native prompt): one worked example appended to the system turn, so a model
+# never trained on the protocol sees a query and a one-letter answer before it writes its own. Deliberately outside
+# ICD-10-CM, the default pack and the built-in benchmark. The prefix cache makes it free after the first question.
+GUIDED_EXEMPLAR = (
+    "\n\nAn example (another question):\n"
+    "Which vitamin deficiency causes scurvy?\nA. Vitamin A\nB. Vitamin B12\nC. Vitamin C\nD. Vitamin D\n"
+    "<think> Scurvy is a deficiency disease; I should check which vitamin. </think>\n"
+    "<query> scurvy vitamin deficiency </query>\n"
+    "<retrieve> (1) Scurvy: a disease resulting from a lack of vitamin C (ascorbic acid).\n </retrieve>\n"
+    "<think> Entry (1) says scurvy results from a lack of vitamin C, which is option C. </think>\n"
+    "<answer> C </answer>"
+)
+
 # CDIR's spliced reasoning step, as the reference inserts it before regenerating.
 CDIR_THINK = (
     "<think> I need to find a consultation from a case with similar medical imaging findings to provide relevant "

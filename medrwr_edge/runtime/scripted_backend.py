@@ -24,6 +24,7 @@ from .backend import (
 )
 
 _TOKEN_RE = re.compile(r"<\|[^|]*\|>|</?[a-z]+>|\w+|\s|[^\w\s]")
+_SPACED_WORD = re.compile(r" \w+")
 
 
 def scripted_tokenize(text: str) -> list[str]:
@@ -53,7 +54,10 @@ class ScriptedBackend:
         self._vocab: dict[str, int] = {}
 
     def tokenize(self, text: str) -> list[int]:
-        return [self._vocab.setdefault(t, len(self._vocab)) for t in scripted_tokenize(text)]
+        # A space and one word alone (" C": how models write an option letter after <answer>) is one token, as in
+        # BPE vocabularies; everywhere else spaces are tokens of their own (the scripts' token counts rely on it).
+        toks = [text] if _SPACED_WORD.fullmatch(text) else scripted_tokenize(text)
+        return [self._vocab.setdefault(t, len(self._vocab)) for t in toks]
 
     def next_token_probs(self, token_ids: Sequence[int]) -> list[float]:
         if self.next_probs is None:

@@ -1,0 +1,193 @@
+"""Guided decoding (issue 22) and the rag baseline: the runtime writes the tags, a query is always served, the answer
+is an option letter read where the model writes it, and its confidence is the letter's unconstrained probability."""
+
+from __future__ import annotations
+
+import pytest
+
+from medrwr_edge.runtime import protocol as P
+from medrwr_edge.runtime.backend import ImageInput, SamplingSettings
+from medrwr_edge.runtime.loop import LoopConfig, MedRwRLoop, ReferenceImage
+from medrwr_edge.runtime.scripted_backend import ScriptedBackend
+from medrwr_edge.runtime.steps import EvidenceRecord, RetrievedDoc
+
+OPTIONS = P.parse_options(["A. Pneumonia", "B. Pneumothorax", "C. Effusion", "D. Normal"])
+QUESTION = "Which finding explains absent breath sounds and a hyperlucent hemithorax?"
+LETTERS = {" A": 0.05, " B": 0.62, " C": 0.2, " D": 0.03}
+
+
+class FakeTexts:
+    def __init__(self, found=True):
+        self.queries = []
+        self.found = found
+
+    def search(self, query, k):
+        self.queries.append(query)
+        if not self.found:
+            return []
+        return [RetrievedDoc("kb", "1", f"doc{i}", 1.0 - i / 10, f"passage {i} about {query}") for i in range(k)]
+
+
+class FakeImages:
+    def nearest(self, image):
+        return ReferenceImage("refs", "1", "ct-7", "Axial CT of the chest, lung window", 0.93, "ab" * 32)
+
+
+def guided(outputs, *, next_probs=LETTERS, protocol="guided", texts=None, images=(), options=OPTIONS, **cfg):
+    be = ScriptedBackend(outputs, next_probs=next_probs)
+    be.info.declares_protocol = False
+    texts = texts if texts is not None else FakeTexts()
+    config = LoopConfig(protocol=protocol, sampling=SamplingSettings(max_tokens=200), generation_reserve_tokens=64,
+                        **cfg)
+    rec = EvidenceRecord(question=QUESTION, options=[], images=[], model={}, packs=[], settings={})
+    MedRwRLoop(be, texts, FakeImages(), config).run(rec, QUESTION, options, list(images))
+    return rec, be, texts
+
+
+def test_the_models_usable_query_is_served_and_the_letter_is_read_from_its_distribution():
+    rec, be, texts = guided([" The lung looks collapsed. </think>", " pneumothorax breath sounds </query>",
+                             " Passage 0 fits option B. </think>"])
+    assert rec.protocol == "guided" and rec.status == "answered"
+    (query,) = rec.queries()
+    assert (query.issued_by, query.text, query.served) == ("model", "pneumothorax breath sounds", True)
+    assert texts.queries == ["pneumothorax breath sounds"]
+    assert rec.letter == rec.answer == "B"
+    assert rec.confidence == pytest.approx(0.62) and rec.confidence_kind == "first-answer-token"
+    # the turn is the Med-RwR layout, written by the runtime around the model's words, and it is what the cache holds
+    assert rec.assistant_text.startswith("<think> The lung looks collapsed. </think>\n<query> pneumothorax breath "
+                                         "sounds </query>\n<retrieve> (1) passage 0")
+    assert rec.assistant_text.endswith("<think> Passage 0 fits option B. </think>\n<answer> B </answer>")
+    assert be.cache_text().endswith(rec.assistant_text)
+    assert [p.kind for p in rec.passes] == ["reasoning", "reasoning"]
+    t = rec.tokens
+    assert t["decoded"] == t["prompt"] + t["generated"] + t["inserted"]
+
+
+def test_an_echoed_format_line_is_cut_and_never_served_as_a_query():
+    rec, be, texts = guided(["1. If you need more information, output <think> ... </think>", " ... </query>",
+                             " ok </think>"])
+    (query,) = rec.queries()
+    assert query.issued_by == "runtime" and query.raw == "..."
+    assert query.text == QUESTION and texts.queries == [QUESTION]  # the runtime searched the question
+    assert "no query" in query.reason
+    assert any("format line" in n for n in rec.notes)
+    assert "If you need more information" not in rec.assistant_text
+    assert "If you need more information" not in be.cache_text().split("<|im_start|>assistant")[-1]
+    assert rec.letter in "ABCD"
+
+
+def test_a_query_about_something_else_or_finding_nothing_is_replaced_by_the_question():
+    rec, _, texts = guided([" hmm </think>", " python list comprehension </query>", " ok </think>"])
+    (query,) = rec.queries()
+    assert query.issued_by == "runtime" and "shares no term" in query.reason
+    assert query.raw == "python list comprehension" and texts.queries == [QUESTION]
+    rec, _, texts = guided([" hmm </think>", " pneumothorax </query>", " ok </think>"], texts=FakeTexts(found=False))
+    (query,) = rec.queries()
+    assert query.issued_by == "runtime" and "found nothing" in query.reason and not query.served
+    assert texts.queries == ["pneumothorax", QUESTION]
+    assert rec.retrievals()[0].block == "\n<retrieve> None </retrieve>\n"
+
+
+def test_the_answer_is_always_a_valid_letter_whatever_the_model_would_write():
+    # the model would continue with an option's text: the letters' own probabilities decide
+    rec, _, _ = guided([" x </think>", " effusion </query>", " x </think>"],
+                       next_probs={" A": 0.01, " B": 0.002, " C": 0.03, " D": 0.004, " Eff": 0.9})
+    assert rec.letter == "C" and rec.confidence == pytest.approx(0.03)
+    assert any("held 5% of the model's probability" in n for n in rec.notes)
+
+
+def test_without_a_next_token_distribution_the_model_writes_its_answer():
+    rec, _, _ = guided([" x </think>", " pneumothorax </query>", " x </think>", " B </answer>"], next_probs=None)
+    assert rec.letter == "B" and any("cannot read the option letters" in n for n in rec.notes)
+
+
+def test_no_retrieval_skips_the_query_and_think_tokens_zero_skips_thinking():
+    rec, _, texts = guided([" thinking </think>"], retrieval=False)
+    assert rec.queries() == [] and texts.queries == [] and rec.letter == "B"
+    assert rec.assistant_text == "<think> thinking </think>\n<answer> B </answer>"
+    rec, _, _ = guided([" pneumothorax </query>"], guided_think_tokens=0)
+    assert rec.assistant_text.startswith("<query> pneumothorax </query>\n<retrieve>")
+    assert rec.assistant_text.endswith("</retrieve>\n<answer> B </answer>")
+
+
+def test_the_exemplar_is_in_the_guided_system_turn_only():
+    rec, _, _ = guided([" x </think>", " pneumothorax </query>", " x </think>"])
+    assert P.GUIDED_EXEMPLAR in rec.prompt
+    assert rec.prompt.startswith("<|im_start|>system\n" + P.SYSTEM_PROMPT_TEXT + P.GUIDED_EXEMPLAR + "<|im_end|>")
+    rec, _, _ = guided([" x </think>", " pneumothorax </query>", " x </think>"], guided_exemplar=False)
+    assert P.GUIDED_EXEMPLAR not in rec.prompt
+    native = ScriptedBackend(["<think> a </think>\n<answer> B </answer>"])
+    nrec = EvidenceRecord(question=QUESTION, options=[], images=[], model={}, packs=[], settings={})
+    MedRwRLoop(native, FakeTexts(), None, LoopConfig()).run(nrec, QUESTION, OPTIONS)
+    assert nrec.protocol == "native" and P.GUIDED_EXEMPLAR not in nrec.prompt
+
+
+def test_cdir_regenerates_with_the_same_guidance():
+    image = ImageInput(pixels=None, sha256="cd" * 32)
+    rec, _, _ = guided([" x </think>", " pneumothorax </query>", " x </think>", " looked again </think>"],
+                       next_probs={" A": 0.1, " B": 0.5, " C": 0.3, " D": 0.1}, images=[image])
+    cdir = rec.cdir()
+    assert cdir is not None and cdir.confidence_before == pytest.approx(0.5)
+    assert [p.kind for p in rec.passes] == ["reasoning", "reasoning", "cdir"]
+    assert rec.assistant_text.endswith("<think> looked again </think>\n<answer> B </answer>")
+    assert rec.letter == "B"
+
+
+def test_rag_puts_one_search_on_the_question_in_the_user_turn():
+    rec, be, texts = guided([" passage 0 says B </think>"], protocol="rag")
+    assert rec.protocol == "rag" and texts.queries == [QUESTION]
+    query, retrieve = rec.steps[0], rec.steps[1]
+    assert query.issued_by == "runtime" and retrieve.tokens_inserted == 0 and len(retrieve.docs) == 3
+    assert "Knowledge base entries:\n(1) passage 0 about" in rec.prompt
+    assert rec.prompt.index("Knowledge base entries") < rec.prompt.index(QUESTION)
+    assert rec.assistant_text == "<think> passage 0 says B </think>\n<answer> B </answer>"
+    assert rec.letter == "B"
+
+
+def test_native_letter_confidence_for_an_answer_that_repeats_an_options_text():
+    be = ScriptedBackend(["<think> a </think>\n<answer> Pneumothorax </answer>"],
+                         next_probs={" A": 0.1, " B": 0.35, " C": 0.05, " D": 0.05})
+    rec = EvidenceRecord(question=QUESTION, options=[], images=[], model={}, packs=[], settings={})
+    MedRwRLoop(be, FakeTexts(), None, LoopConfig()).run(rec, QUESTION, OPTIONS)
+    assert rec.letter == "B" and rec.confidence == pytest.approx(0.35) and rec.confidence_kind == "answer-letter"
+    assert be.cache_text().endswith("<answer> Pneumothorax </answer>")  # the read was rolled back
+    # a backend that cannot read the letter: not comparable, and CDIR is not triggered by it
+    be = ScriptedBackend(["<think> a </think>\n<answer> Pneumothorax </answer>"])
+    rec = EvidenceRecord(question=QUESTION, options=[], images=[], model={}, packs=[], settings={})
+    MedRwRLoop(be, FakeTexts(), FakeImages(), LoopConfig()).run(rec, QUESTION, OPTIONS,
+                                                                [ImageInput(pixels=None, sha256="cd" * 32)])
+    assert rec.letter == "B" and rec.confidence_kind == "not-comparable" and rec.cdir() is None
+
+
+@pytest.mark.real_model
+def test_guided_on_a_real_model_serves_a_query_and_reads_the_letter_probability(smoke_gguf, small_icd_pack):
+    """SmolLM2-135M, never trained on the protocol: a query is always served, the answer is a letter, and the
+    confidence equals a direct read of the letter token's probability at the answer position."""
+    import numpy as np
+
+    from medrwr_edge.kb_pack.pack import Pack
+    from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+    from medrwr_edge.runtime.retrieval import PackTextRetriever
+
+    question = "Which ICD-10-CM code is spontaneous tension pneumothorax?"
+    options = P.parse_options(["A. J93.0", "B. J93.11", "C. J94.2", "D. J98.4"])
+    with LlamaTextBackend(smoke_gguf, n_ctx=4096) as be, Pack.open(small_icd_pack) as pack:
+        assert be.info.declares_protocol is False
+        cfg = LoopConfig(protocol="guided", sampling=SamplingSettings(max_tokens=64), generation_reserve_tokens=128,
+                         guided_think_tokens=24)
+        rec = EvidenceRecord(question=question, options=[], images=[], model={}, packs=[], settings={})
+        MedRwRLoop(be, PackTextRetriever([pack]), None, cfg).run(rec, question, options)
+        (query,) = rec.queries()
+        assert query.served and query.text and rec.retrievals()[0].docs
+        assert query.issued_by in ("model", "runtime")
+        assert rec.letter in "ABCD" and rec.answer == rec.letter
+        assert "If you need more information" not in rec.assistant_text
+        # the cache holds exactly the turn; cut it right after "<answer>" and read the logits directly
+        answer_at = rec.assistant_text.rindex(P.ANSWER_OPEN) + len(P.ANSWER_OPEN)
+        tail = len(be.tokenize(rec.assistant_text[answer_at:]))
+        be.rollback(be.n_tokens() - tail)
+        logits = be.last_logits().astype(np.float64)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        (letter_token,) = be.tokenize(" " + rec.letter)
+        assert rec.confidence == pytest.approx(float(p[letter_token]), rel=1e-5)

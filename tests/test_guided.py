@@ -182,10 +182,12 @@ def test_guided_on_a_real_model_serves_a_query_and_reads_the_letter_probability(
         assert query.issued_by in ("model", "runtime")
         assert rec.letter in "ABCD" and rec.answer == rec.letter
         assert "If you need more information" not in rec.assistant_text
-        # the cache holds exactly the turn; cut it right after "<answer>" and read the logits directly
-        answer_at = rec.assistant_text.rindex(P.ANSWER_OPEN) + len(P.ANSWER_OPEN)
+        # the cache holds exactly the turn; cut it right before "<answer>", decode "<answer>" again (the same batch
+        # as the runtime wrote it: a batch of one would round differently) and read the logits directly
+        answer_at = rec.assistant_text.rindex(P.ANSWER_OPEN)
         tail = len(be.tokenize(rec.assistant_text[answer_at:]))
         be.rollback(be.n_tokens() - tail)
+        be.append_text(P.ANSWER_OPEN)
         logits = be.last_logits().astype(np.float64)
         p = np.exp(logits - logits.max())
         p /= p.sum()

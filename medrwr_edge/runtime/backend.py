@@ -88,6 +88,9 @@ class BackendInfo:
     device: str  # "cpu", "cuda", "metal", ... what actually runs the model
     gpu_layers: int = 0
     notes: list[str] = field(default_factory=list)  # e.g. "GPU requested but this build is CPU-only: ran on CPU"
+    # What else decides the computed numbers, so a replay can tell "same setup" from "same model elsewhere":
+    build: str = ""  # the inference library's version and compiled features (llama.cpp: CPU flags, GPU backend)
+    compute: dict = field(default_factory=dict)  # settings that change the KV bytes (batch sizes, attention, KV type)
 
 
 @runtime_checkable

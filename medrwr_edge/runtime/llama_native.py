@@ -76,6 +76,15 @@ def system_info() -> str:
     return lc.llama_print_system_info().decode("utf-8", errors="replace")
 
 
+def build_id() -> str:
+    """Which llama.cpp computes: the binding's version and the compiled features (CPU kernels, GPU backends).
+    Two builds may round differently, so KV states and replays are only comparable within one build id."""
+    import llama_cpp
+
+    _init_once()
+    return f"llama-cpp-python {llama_cpp.__version__}; " + " ".join(system_info().split())
+
+
 def physical_cores() -> int:
     """Physical cores (not hyper-threads): llama.cpp decode is memory-bound and SMT siblings only contend."""
     try:
@@ -234,6 +243,7 @@ class NativeContext:
         params.n_threads_batch = n_threads
         params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.no_perf = True
+        self.kv_type = f"k:{int(params.type_k)} v:{int(params.type_v)}"  # ggml type ids of the KV cache
         self._ctx = lc.llama_init_from_model(model.handle, params)
         if not self._ctx:
             raise ModelError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")

@@ -85,27 +85,9 @@ def build_id() -> str:
     return f"llama-cpp-python {llama_cpp.__version__}; " + " ".join(system_info().split())
 
 
-def physical_cores() -> int:
-    """Physical cores (not hyper-threads): llama.cpp decode is memory-bound and SMT siblings only contend."""
-    try:
-        cores = set()
-        phys = core = None
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("physical id"):
-                phys = line.split(":")[1].strip()
-            elif line.startswith("core id"):
-                core = line.split(":")[1].strip()
-            elif not line.strip():
-                if core is not None:
-                    cores.add((phys, core))
-                phys = core = None
-        if core is not None:
-            cores.add((phys, core))
-        if cores:
-            return len(cores)
-    except OSError:
-        pass
-    return max(1, os.cpu_count() or 1)
+# The default thread count (physical cores within the CPU affinity and cgroup quota) has one owner, medrwr_edge.cpu,
+# for llama.cpp and onnxruntime alike; re-exported here for this module's callers.
+from ..cpu import physical_cores  # noqa: E402,F401
 
 
 GGUF_MAGIC = b"GGUF"

@@ -456,6 +456,23 @@ def check_encoder_lock(manifest: dict, encoder, pack_dir: Path) -> None:
         raise EncoderMismatchError(f"pack {pack_dir} is a {manifest['kind']} pack; the encoder is {encoder.kind}")
 
 
+# Installed encoders loaded by packs, shared: two packs built with MiniLM (or `serve` answering with several packs)
+# use one ONNX session, not one each. Keyed by the folder's files (name, size, mtime), so a replaced file is loaded
+# (and verified) again. Encoders are read-only after loading, and ONNX Runtime sessions are thread-safe.
+_SHARED_ENCODERS: dict = {}
+_SHARED_ENCODERS_LOCK = threading.Lock()
+
+
+def _shared_encoder(folder: Path, load):
+    stamp = tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in folder.iterdir()
+                         if p.is_file() for st in [p.stat()]))
+    key = (str(folder.resolve()), stamp)
+    with _SHARED_ENCODERS_LOCK:
+        if key not in _SHARED_ENCODERS:
+            _SHARED_ENCODERS[key] = load(folder)
+        return _SHARED_ENCODERS[key]
+
+
 def _load_locked_encoder(manifest: dict, pack_dir: Path):
     from .encoders import load_encoder
 
@@ -477,7 +494,7 @@ def _load_locked_encoder(manifest: dict, pack_dir: Path):
                     continue
             except IntegrityError:
                 continue
-            encoder = load_encoder(cand)
+            encoder = _shared_encoder(cand, load_encoder)
             check_encoder_lock(manifest, encoder, pack_dir)
             return encoder
     raise ModelError(

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import httpx  # noqa: E402  (the serve extra)
-from bench_serve import QUESTION, free_port, rss_mb  # noqa: E402
+from bench_serve import QUESTION, rss_mb, start_server  # noqa: E402
 
 
 def build_packs(work: Path, text_encoder) -> tuple[Path, Path]:
@@ -46,27 +46,6 @@ def build_packs(work: Path, text_encoder) -> tuple[Path, Path]:
         out.append(build_text_pack(docs, work / f"v{version}", text_encoder, name="kb", version=version,
                                    progress=False))
     return out[0], out[1]
-
-
-def start_server(model: str, pack: Path, threads: int, max_queue: int, log_path: Path):
-    port = free_port()
-    log_file = open(log_path, "w")  # a file, not a pipe: an unread pipe would fill and stall the server's logging
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "medrwr_edge.cli", "serve", "--port", str(port), "--model", model, "--pack", str(pack),
-         "--max-queue", str(max_queue), "--threads", str(threads), "--ctx", "2048", "--shutdown-timeout", "20",
-         "--no-log"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("server failed to start: " + log_path.read_text()[-2000:])
-        try:
-            if httpx.get(url + "/v1/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not answer within 180 s")
 
 
 def stream_one(c: httpx.Client, drop_after: int | None) -> tuple[str, float]:
@@ -214,7 +193,8 @@ def main() -> None:
         final = work / "served" / "kb"
         shutil.copytree(v1, final)
         load_start = os.getloadavg()
-        proc, url = start_server(model, final, args.threads, args.max_queue, work / "server.log")
+        proc, url = start_server(model, args.threads, args.max_queue, work / "server.log",
+                                 serve_args=("--pack", str(final), "--no-log"))
         try:
             httpx.post(url + "/v1/ask", data=QUESTION, timeout=300)  # warm: model, pack, encoder, prefix cache
             rss_start = rss_mb(proc.pid)

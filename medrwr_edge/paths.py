@@ -136,9 +136,14 @@ def fsync_tree(root: Path) -> None:
 
 
 def fsync_path(path: str | os.PathLike) -> None:
+    import errno
+
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # file systems that cannot fsync (a directory): nothing to do
+            raise
     finally:
         os.close(fd)
 

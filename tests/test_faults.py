@@ -212,6 +212,8 @@ FAULT_CASES = [
     Fault("non-UTF-8 prompt", lambda ws, d: _ask(ws.png, "caf\udcff\udcfe which code?"), "not valid Unicode", 2),
     Fault("1 MB prompt", lambda ws, d: _ask(ws.png, "pneumothorax? " * 75_000), "limit is 20,000", 2),
     Fault("empty prompt", lambda ws, d: _ask(ws.png, "   "), "question is empty", 2),
+    Fault("option letters that skip B", lambda ws, d: ["ask", ws.png, QUESTION, "-o", "A. CT", "-o", "C. MRI"],
+          "option 2 is lettered C, expected B", 2),
     Fault("truncated GGUF", lambda ws, d: _ask(ws.png, QUESTION, "--model", _truncated_gguf(ws, d), "--no-retrieval",
                                                "--no-cdir"), "model|GGUF|gguf", loads_model=True),
     Fault("ONNX file named .gguf", lambda ws, d: _ask(ws.png, QUESTION, "--model", _swapped_gguf(ws, d),

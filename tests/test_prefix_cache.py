@@ -41,3 +41,32 @@ def test_damaged_cache_entry_is_recomputed(smoke_gguf, tmp_path):
         f.write_bytes(b"garbage")
     again, stats, _ = _run(smoke_gguf, tmp_path, "Q?\nA. x\nB. y")
     assert again == text and stats.cached_prompt_tokens == 0
+
+
+def test_a_state_from_another_setup_is_never_restored(smoke_gguf, tmp_path):
+    """The key covers what decides the KV bytes: a state saved with another n_batch (or device, offload, flash
+    attention, KV type, llama.cpp build) is not found, so it is computed instead of restored."""
+    from medrwr_edge.runtime.llama_backend import LlamaTextBackend, PrefixCache
+    from medrwr_edge.runtime.llama_native import build_id
+
+    question = "What is a pneumothorax?\nA. air\nB. fluid"
+    _run(smoke_gguf, tmp_path, question)  # n_batch 512: stored
+    be = LlamaTextBackend(str(smoke_gguf), n_ctx=2048, n_batch=256, n_threads=1, prefix_cache_dir=str(tmp_path))
+    try:
+        identity = be.kv_identity()
+        be.prefill(P.chatml_prompt(P.SYSTEM_PROMPT_TEXT, question))
+        assert be.stats.cached_prompt_tokens == 0  # another n_batch: not the stored state
+    finally:
+        be.close()
+    assert len(list(tmp_path.glob("*.kv"))) == 2
+    import llama_cpp
+
+    assert identity["build"] == build_id() and llama_cpp.__version__ in identity["build"]
+    assert identity["n_batch"] == identity["n_ubatch"] == 256 and identity["flash_attn"] is False
+    assert identity["device"] == "cpu" and identity["gpu_layers"] == 0 and identity["kv_type"]
+    tokens = [1, 2, 3]
+    variants = [dict(identity, **{k: v}) for k, v in (("device", "cuda"), ("gpu_layers", -1), ("n_batch", 512),
+                                                      ("n_ubatch", 512), ("flash_attn", True), ("kv_type", "k:8 v:8"),
+                                                      ("build", "llama-cpp-python 0.3.99"), ("model_sha256", "0" * 64))]
+    keys = {PrefixCache.key(v, tokens) for v in variants} | {PrefixCache.key(identity, tokens)}
+    assert len(keys) == len(variants) + 1

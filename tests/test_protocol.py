@@ -78,3 +78,7 @@ def test_parse_options():
         P.parse_options(["A. one", "A. two"])
     with pytest.raises(InputError):
         P.parse_options(["  "])
+    with pytest.raises(InputError, match="option 2 is lettered C, expected B"):
+        P.parse_options(["A. CT", "C. MRI"])  # letters that skip B
+    with pytest.raises(InputError, match="option 1 is lettered B, expected A"):
+        P.parse_options(["B. CT", "A. MRI"])

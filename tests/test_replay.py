@@ -55,6 +55,28 @@ def test_identical_replay(recorded, input_png):
     assert_valid(result.to_dict(), "replay")
 
 
+def test_a_record_from_another_device_or_build_is_not_claimed_identical(recorded, input_png, capsys):
+    from medrwr_edge.evidence.cli import _print_result
+
+    elsewhere = recorded.to_dict()
+    elsewhere["model"].update(device="cuda", gpu_layers=-1, build="llama-cpp-python 0.3.36; CUDA : ARCHS = 890")
+    result = replay(elsewhere, [input_png], backend=_backend())
+    assert result.identical and not result.same_setup  # same tokens, but not the same computation
+    notes = "\n".join(result.notes)
+    assert "device was 'cuda', now 'cpu'" in notes and "gpu_layers was -1, now 0" in notes and "build was" in notes
+    assert result.to_dict()["same_setup"] is False
+    assert_valid(result.to_dict(), "replay")
+    _print_result(result)
+    out = capsys.readouterr().out
+    assert "SAME TOKENS ON ANOTHER SETUP" in out and "not a bit-identical reproduction" in out
+    assert "IDENTICAL" not in out
+    older = recorded.to_dict()
+    del older["model"]["build"]  # a record made before the build was recorded cannot claim the same setup
+    again = replay(older, [input_png], backend=_backend())
+    assert not again.same_setup and any("does not name its build" in n for n in again.notes)
+    assert replay(recorded, [input_png], backend=_backend()).same_setup
+
+
 def test_divergence_in_the_second_pass_is_located(recorded, input_png):
     changed = list(QUERY_THEN_ANSWER)
     changed[1] = " The entries describe a collapsed lung, so pneumothorax. </think>\n<answer> B </answer>"
@@ -269,7 +291,8 @@ def test_real_model_replay_is_identical(smoke_gguf, small_icd_pack, small_image_
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert_valid(out, "replay")
-    assert out["identical"] and any(str(smoke_gguf.name) in v for v in out["verified"])
+    assert out["identical"] and out["same_setup"] and any(str(smoke_gguf.name) in v for v in out["verified"])
+    assert out["replayed_record"]["model"]["build"].startswith("llama-cpp-python ")
     # a record whose text was altered: the console script exits 3 and says where
     import os
     import subprocess

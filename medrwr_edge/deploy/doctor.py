@@ -74,16 +74,17 @@ def cpu_info() -> dict:
         pass  # not Linux: the llama.cpp system line below still says what the build uses
     from ..runtime import llama_native
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 1
+    from .. import cpu
+
+    threads = cpu.describe()
     return {
         "model": model,
         "architecture": platform.machine(),
-        "physical_cores": llama_native.physical_cores(),
+        "physical_cores": threads["physical_cores_total"],
         "logical_cores": os.cpu_count() or 1,
-        "usable_cores": usable,
+        "usable_cores": threads["allowed_cpus"],
+        "default_threads": threads["threads"],
+        "cgroup_cpu_limit": threads["cgroup_cpu_limit"],
         "flags": {f: f in flags for f in INTERESTING_FLAGS},
         "llama_cpp_system_info": llama_native.system_info().strip(),
     }
@@ -457,6 +458,9 @@ def format_report(r: dict) -> str:
         f"medrwr-edge {r['medrwr_edge_version']} · Python {r['python']} · {r['platform']}",
         f"CPU: {c['model']} · {c['physical_cores']} physical / {c['logical_cores']} logical cores "
         f"({c['usable_cores']} usable)",
+        f"  threads by default: {c['default_threads']} (physical cores within the CPU affinity"
+        + (f", cgroup limit {c['cgroup_cpu_limit']:g} CPUs" if c.get("cgroup_cpu_limit") else "")
+        + "; llama.cpp and ONNX alike, --threads overrides)",
         f"  flags: {flags}" + ("" if c["flags"].get("avx2") or c["flags"].get("asimd")
                                else "  (no AVX2: llama.cpp and hnswlib run their slow paths)"),
         f"RAM: {gib(m['total_bytes'])} total, {gib(m['available_bytes'])} available",

@@ -11,8 +11,10 @@ so nothing that pip would install can check the bundle: this script does, before
    that reaches the workstation by another channel than the bundle itself).
 2. Every file in the bundle must be listed in the signed manifest with its size and sha256 (missing, added,
    changed or linked files are refused). Only then is anything installed.
-3. `python -m pip install --no-index --find-links wheels --only-binary :all: medrwr-edge==VERSION`, with pip's
-   configuration files and PIP_* variables ignored, so nothing but the bundled wheels can be used.
+3. `python -m pip install --no-index --find-links wheels --only-binary :all: --require-hashes -r REQS`, where
+   REQS pins every bundled wheel to its version and to the sha256 in the signed manifest (pip re-checks each file
+   as it installs it: no gap between check and use), with pip's configuration files and PIP_* variables ignored,
+   so nothing but the bundled wheels can be used.
 4. `python -m medrwr_edge.cli bundle install --from BUNDLE --trusted-key KEY` verifies again with the same
    code (imported from the installed package) and copies models and packs into the data directory.
 
@@ -33,6 +35,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 BUNDLE_FORMAT = "medrwr-edge/deployment-bundle/1"
@@ -296,9 +299,42 @@ def offline_pip_env() -> dict:
     return env
 
 
-def pip_install_command(python: str, bundle_dir: Path, requirement: str) -> list:
+def _wheel_name_version(filename: str) -> tuple:
+    """(normalised project name, version) from a wheel file name (PEP 427: NAME-VERSION[-BUILD]-PY-ABI-PLAT.whl)."""
+    parts = filename[: -len(".whl")].split("-")
+    if not filename.endswith(".whl") or len(parts) not in (5, 6):
+        raise BundleRejected(f"{filename} is not a wheel file name")
+    return _normalise(parts[0]), parts[1]
+
+
+def _normalise(name: str) -> str:
+    return "-".join(p for p in name.lower().replace("_", "-").replace(".", "-").split("-") if p)
+
+
+def hashed_requirements(manifest: dict) -> str:
+    """A pip requirements file: every bundled wheel, pinned by version AND by the sha256 the signed manifest lists.
+
+    pip (`--require-hashes`) then re-checks each wheel as it installs it, so the files installed are the files
+    verified above, even if the bundle were changed between the check and the install (on a shared drive)."""
+    pins: dict = {}
+    for rel, entry in sorted(manifest["files"].items()):
+        if rel.startswith(WHEELS_DIR + "/") and rel.endswith(".whl"):
+            name, version = _wheel_name_version(rel.rsplit("/", 1)[1])
+            known = pins.setdefault(name, (version, []))
+            if known[0] != version:
+                raise BundleRejected(f"the bundle holds two versions of {name} ({known[0]}, {version})")
+            known[1].append(entry["sha256"])
+    wanted = _normalise(manifest["install"]["requirement"].split("==")[0].split("[")[0])
+    if wanted not in pins:
+        raise BundleRejected(f"the bundle's wheels do not include {manifest['install']['requirement']}")
+    return "".join(f"{name}=={version} " + " ".join(f"--hash=sha256:{h}" for h in hashes) + "\n"
+                   for name, (version, hashes) in sorted(pins.items()))
+
+
+def pip_install_command(python: str, bundle_dir: Path, requirements_file: Path) -> list:
     return [python, "-m", "pip", "install", "--no-index", "--find-links", str(bundle_dir / WHEELS_DIR),
-            "--only-binary", ":all:", "--no-cache-dir", "--force-reinstall", requirement]
+            "--only-binary", ":all:", "--no-cache-dir", "--force-reinstall", "--require-hashes",
+            "-r", str(requirements_file)]
     # --force-reinstall: a same-version medrwr-edge (or dependency) already there is replaced by the bundled,
     # verified wheel, so what runs is what was signed
 
@@ -327,10 +363,14 @@ def main(argv=None) -> int:
         install = manifest.get("install")
         if install:
             check_python(manifest, args.python)
-            cmd = pip_install_command(args.python, bundle, install["requirement"])
-            print("installing the bundled wheels: " + " ".join(cmd[2:]), flush=True)
-            if subprocess.run(cmd, env=offline_pip_env(), cwd=str(bundle)).returncode != 0:
-                raise BundleRejected("pip could not install the bundled wheels (see pip's message above)")
+            with tempfile.TemporaryDirectory(prefix="medrwr-bundle-") as tmp:  # the bundle may be read-only
+                requirements = Path(tmp) / "requirements.txt"
+                requirements.write_text(hashed_requirements(manifest), encoding="utf-8")
+                cmd = pip_install_command(args.python, bundle, requirements)
+                print("installing the bundled wheels, each pinned to its signed sha256: " + " ".join(cmd[2:]),
+                      flush=True)
+                if subprocess.run(cmd, env=offline_pip_env(), cwd=str(bundle)).returncode != 0:
+                    raise BundleRejected("pip could not install the bundled wheels (see pip's message above)")
         cmd = [args.python, "-m", "medrwr_edge.cli", "bundle", "install", "--from", str(bundle),
                "--trusted-key", str(Path(args.trusted_key).resolve())] + (["--force"] if args.force else [])
         # cwd: the bundle, so `-m` cannot pick up a medrwr_edge/ folder from wherever the operator stands

@@ -134,7 +134,11 @@ def _print_result(result) -> None:
     for line in result.verified:
         typer.echo(f"verified: {line}")
     passes = ", ".join(str(t) for t in result.replayed_pass_tokens)
-    if result.identical:
+    if result.identical and not result.same_setup:  # same tokens, but not the same computation: no identity claim
+        typer.echo(f"SAME TOKENS ON ANOTHER SETUP: {result.source} gave the same tokens "
+                   f"({len(result.replayed_pass_tokens)} pass(es): {passes}), but it was recorded on another device "
+                   "or build (see the notes): not a bit-identical reproduction")
+    elif result.identical:
         typer.echo(f"IDENTICAL: {result.source} was reproduced token for token "
                    f"({len(result.replayed_pass_tokens)} pass(es): {passes} tokens)")
     else:

@@ -49,12 +49,14 @@ class ReplayResult:
     differences: list[str] = field(default_factory=list)  # other fields that differ (answer, confidence, docs)
     notes: list[str] = field(default_factory=list)
     replayed: Optional[EvidenceRecord] = None
+    same_setup: bool = True  # same backend, device, offload, llama.cpp build and KV settings as the record
 
     def to_dict(self) -> dict:
         return {
             "schema": REPLAY_SCHEMA,
             "source": self.source,
             "identical": self.identical,
+            "same_setup": self.same_setup,
             "verified": list(self.verified),
             "divergence": dataclasses.asdict(self.divergence) if self.divergence else None,
             "passes": {"recorded": self.recorded_pass_tokens, "replayed": self.replayed_pass_tokens},
@@ -228,13 +230,31 @@ def replay(
 
     identical, divergence, differences = compare(record_from_dict(scrub_study_dates(rec.to_dict())),
                                                  record_from_dict(scrub_study_dates(again.to_dict())))
-    for key in ("backend", "device"):
-        if rec.model.get(key) != again.model.get(key):
-            notes.append(f"model {key} was {rec.model.get(key)}, now {again.model.get(key)}")
+    setup = setup_differences(rec.model, again.model)
+    notes += [f"recorded on another setup: {d}" for d in setup]
+    if setup:
+        notes.append("the same model on another device, build or batch setting may round differently: a token "
+                     "match here is not a bit-identical reproduction, and a divergence is not by itself an error")
     if rec.medrwr_edge_version and rec.medrwr_edge_version != again.medrwr_edge_version:
         notes.append(f"recorded with medrwr-edge {rec.medrwr_edge_version}, replayed with {again.medrwr_edge_version}")
     return ReplayResult(source, identical, verified, divergence, [p.generated_tokens for p in rec.passes],
-                        [p.generated_tokens for p in again.passes], differences, notes, again)
+                        [p.generated_tokens for p in again.passes], differences, notes, again, same_setup=not setup)
+
+
+# Model-entry fields that decide the computed numbers (record.model; see BackendInfo.build / .compute).
+SETUP_KEYS = ("backend", "device", "gpu_layers", "build", "compute")
+
+
+def setup_differences(recorded: dict, replayed: dict) -> list[str]:
+    """What differs between the setup that made the record and the one replaying it; [] = the same setup.
+    A record from before the build was recorded cannot show it is the same: that is said too."""
+    out = []
+    for key in SETUP_KEYS:
+        if key not in recorded:
+            out.append(f"the record does not name its {key} (made by an older medrwr-edge)")
+        elif recorded[key] != replayed.get(key):
+            out.append(f"{key} was {recorded[key]!r}, now {replayed.get(key)!r}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ compare

@@ -144,29 +144,9 @@ def _check_file(path: Path, expected: str) -> None:
         raise IntegrityError(f"encoder file {path.name} has sha256 {actual}, expected {expected} (file changed?)")
 
 
-def physical_cores() -> int:
-    """Physical cores available to this process; hyper-threads do not help a GEMM-bound ONNX run."""
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:
-        allowed = os.cpu_count() or 1
-    cores = set()
-    try:
-        phys = core = None
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":", 1)[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":", 1)[1].strip()
-                elif not line.strip():
-                    if core is not None:
-                        cores.add((phys, core))
-                    phys = core = None
-    except OSError:
-        pass
-    n = len(cores) if cores else allowed
-    return max(1, min(n, allowed))
+# The default thread count (physical cores within the CPU affinity and cgroup quota) has one owner, medrwr_edge.cpu,
+# for llama.cpp and onnxruntime alike; re-exported here for this module's callers.
+from ..cpu import physical_cores  # noqa: E402,F401
 
 
 def make_session(onnx_path: str | os.PathLike, prefer_gpu: bool = True, threads: Optional[int] = None):

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import EncoderMismatchError, InputError, IntegrityError, ModelError
-from ..paths import models_dir, packs_dir, sha256_file
+from ..paths import models_dir, packs_dir, reading_directory, sha256_file
 from . import lexical
 
 FORMAT_VERSION = 1
@@ -161,15 +161,20 @@ class Pack:
             raise InputError(f"pack not found: {path}")
         if not pack_dir.is_dir():
             raise InputError(f"{pack_dir} is not a pack directory")
-        manifest = read_manifest(pack_dir)
-        problems = check_files(pack_dir, manifest, full=(verify == "full"))
-        if problems:
-            more = f" (+{len(problems) - 3} more; run `medrwr-edge pack verify`)" if len(problems) > 3 else ""
-            raise IntegrityError(f"pack {pack_dir}: {'; '.join(problems[:3])}{more}")
-        if encoder is not None:
-            check_encoder_lock(manifest, encoder, pack_dir)
-        index = _load_index(pack_dir, manifest)
-        conn = _connect(pack_dir / DOCS_FILE)
+        # Every file is read from one version of the directory, even if an install swaps it meanwhile.
+        with reading_directory(pack_dir) as held:
+            try:
+                manifest = read_manifest(held)
+                problems = check_files(held, manifest, full=(verify == "full"))
+                if problems:
+                    more = f" (+{len(problems) - 3} more; run `medrwr-edge pack verify`)" if len(problems) > 3 else ""
+                    raise IntegrityError(f"pack {pack_dir}: {'; '.join(problems[:3])}{more}")
+                if encoder is not None:
+                    check_encoder_lock(manifest, encoder, pack_dir)
+                index = _load_index(held, manifest)
+                conn = _connect(held / DOCS_FILE)
+            except IntegrityError as e:  # name the pack as the user did, not the held /proc/self/fd path
+                raise type(e)(str(e).replace(str(held), str(pack_dir))) from None
         pack = cls(pack_dir, manifest, index, conn, encoder)
         if verify == "full":
             problems = pack._check_contents()
@@ -451,6 +456,23 @@ def check_encoder_lock(manifest: dict, encoder, pack_dir: Path) -> None:
         raise EncoderMismatchError(f"pack {pack_dir} is a {manifest['kind']} pack; the encoder is {encoder.kind}")
 
 
+# Installed encoders loaded by packs, shared: two packs built with MiniLM (or `serve` answering with several packs)
+# use one ONNX session, not one each. Keyed by the folder's files (name, size, mtime), so a replaced file is loaded
+# (and verified) again. Encoders are read-only after loading, and ONNX Runtime sessions are thread-safe.
+_SHARED_ENCODERS: dict = {}
+_SHARED_ENCODERS_LOCK = threading.Lock()
+
+
+def _shared_encoder(folder: Path, load):
+    stamp = tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in folder.iterdir()
+                         if p.is_file() for st in [p.stat()]))
+    key = (str(folder.resolve()), stamp)
+    with _SHARED_ENCODERS_LOCK:
+        if key not in _SHARED_ENCODERS:
+            _SHARED_ENCODERS[key] = load(folder)
+        return _SHARED_ENCODERS[key]
+
+
 def _load_locked_encoder(manifest: dict, pack_dir: Path):
     from .encoders import load_encoder
 
@@ -472,7 +494,7 @@ def _load_locked_encoder(manifest: dict, pack_dir: Path):
                     continue
             except IntegrityError:
                 continue
-            encoder = load_encoder(cand)
+            encoder = _shared_encoder(cand, load_encoder)
             check_encoder_lock(manifest, encoder, pack_dir)
             return encoder
     raise ModelError(
@@ -495,11 +517,41 @@ def _load_index(pack_dir: Path, manifest: dict):
 
 
 def _connect(db_path: Path) -> sqlite3.Connection:
-    # immutable=1: the pack never changes while open, so SQLite takes no locks and writes no journal.
-    uri = db_path.resolve().as_uri() + "?mode=ro&immutable=1"
+    """Open docs.sqlite read-only: the very file `db_path` names now, even under a /proc/self/fd/N path.
+
+    SQLite resolves symlinks itself (readlink), which turns a held /proc/self/fd/N directory
+    (paths.reading_directory) back into a path a swap can redirect. So it is given the file's real path, and the
+    file at that path must still be the one opened here afterwards (a swapped-out pack is never swapped back in).
+    """
+    for _ in range(10):
+        try:
+            fd = os.open(db_path, os.O_RDONLY)
+        except OSError as e:
+            raise IntegrityError(f"{db_path} cannot be opened ({e.strerror})") from None
+        try:
+            held = os.fstat(fd)
+            proc = f"/proc/self/fd/{fd}"
+            real = os.readlink(proc) if os.path.exists(proc) else os.path.abspath(db_path)
+        finally:
+            os.close(fd)
+        # immutable=1: the pack never changes while open, so SQLite takes no locks and writes no journal.
+        uri = Path(real).as_uri() + "?mode=ro&immutable=1"
+        conn = None
+        try:
+            conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as e:
+            if _still(real, held):
+                raise IntegrityError(f"{db_path} is not a readable SQLite database ({e})") from None
+        if conn is not None and _still(real, held):
+            return conn
+        if conn is not None:
+            conn.close()  # swapped while connecting: try again from the held directory
+    raise IntegrityError(f"{db_path} kept changing while it was being opened")
+
+
+def _still(path: str, st: os.stat_result) -> bool:
     try:
-        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.DatabaseError as e:
-        raise IntegrityError(f"{db_path} is not a readable SQLite database ({e})") from None
-    return conn
+        return os.path.samestat(os.stat(path), st)
+    except OSError:
+        return False

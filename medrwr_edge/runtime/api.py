@@ -399,4 +399,6 @@ def _model_record(backend) -> dict:
         "device": info.device,
         "gpu_layers": info.gpu_layers,
         "n_ctx": info.n_ctx,
+        "build": info.build,
+        "compute": dict(info.compute),
     }

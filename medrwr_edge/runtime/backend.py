@@ -91,6 +91,9 @@ class BackendInfo:
     # The model was trained on the Med-RwR protocol (an exported Med-RwR bundle, or a GGUF whose metadata says
     # `medrwr.protocol = native`): `protocol="auto"` runs it native; any other model runs guided.
     declares_protocol: bool = False
+    # What else decides the computed numbers, so a replay can tell "same setup" from "same model elsewhere":
+    build: str = ""  # the inference library's version and compiled features (llama.cpp: CPU flags, GPU backend)
+    compute: dict = field(default_factory=dict)  # settings that change the KV bytes (batch sizes, attention, KV type)
 
 
 @runtime_checkable

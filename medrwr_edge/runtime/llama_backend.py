@@ -62,8 +62,9 @@ PROTOCOL_METADATA_KEY = "medrwr.protocol"  # "native" in a GGUF trained on the M
 
 
 class PrefixCache:
-    """KV states of system prompts, on disk, keyed by model sha256 + prompt tokens. A few MB each; the newest
-    `keep` are kept. A damaged or foreign file is detected by restore_state() and recomputed."""
+    """KV states of system prompts, on disk, keyed by everything that decides their bytes (see `key`) + the prompt
+    tokens. A few MB each; the newest `keep` are kept. A damaged or foreign file is detected by restore_state()
+    and recomputed."""
 
     def __init__(self, directory, keep: int = 16):
         from pathlib import Path
@@ -72,10 +73,14 @@ class PrefixCache:
         self.keep = keep
 
     @staticmethod
-    def key(model_sha256: str, tokens: Sequence[int]) -> str:
+    def key(identity: dict, tokens: Sequence[int]) -> str:
+        """`identity`: model sha256, device and GPU offload, context size, n_batch/n_ubatch, flash attention, KV
+        type, llama.cpp build id (`LlamaTextBackend.kv_identity`). A state saved by a GPU run, another batch
+        size or another build would restore fine yet differ in the last bits: it must never be found."""
         import hashlib
+        import json
 
-        h = hashlib.sha256(model_sha256.encode())
+        h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
         h.update(np.asarray(tokens, dtype="<i4").tobytes())
         return h.hexdigest()
 
@@ -151,6 +156,9 @@ class LlamaTextBackend:
             gpu_layers=gpu_layers,
             notes=notes,
             declares_protocol=self._model.metadata(PROTOCOL_METADATA_KEY) == "native",
+            build=llama_native.build_id(),
+            compute={"n_batch": n_batch, "n_ubatch": n_batch, "flash_attn": bool(flash_attn),
+                     "kv_type": self._ctx.kv_type},
         )
         self.stats = BackendStats()
         self._tokens: list[int] = []  # exactly what the KV cache holds, position i = self._tokens[i]
@@ -240,7 +248,7 @@ class LlamaTextBackend:
         if end == 0 or end == len(tokens):
             return 0
         prefix = tokens[:end]
-        key = PrefixCache.key(self.info.model_sha256, prefix) if self.prefix_cache else ""
+        key = PrefixCache.key(self.kv_identity(), prefix) if self.prefix_cache else ""
         state = self.prefix_cache.load(key) if self.prefix_cache else None
         if state is not None:
             try:
@@ -256,6 +264,12 @@ class LlamaTextBackend:
         if self.prefix_cache:
             self.prefix_cache.store(key, self.save_state())
         return end
+
+    def kv_identity(self) -> dict:
+        """Everything that decides the bytes of a KV state (the prefix-cache key; the record's model entry)."""
+        i = self.info
+        return {"model_sha256": i.model_sha256, "device": i.device, "gpu_layers": i.gpu_layers, "n_ctx": i.n_ctx,
+                "build": i.build, **i.compute}
 
     def prefill_tokens(self, tokens: Sequence[int]) -> int:
         """Prefill exact token ids (benchmarks, tests, and callers that tokenized themselves)."""

@@ -76,27 +76,18 @@ def system_info() -> str:
     return lc.llama_print_system_info().decode("utf-8", errors="replace")
 
 
-def physical_cores() -> int:
-    """Physical cores (not hyper-threads): llama.cpp decode is memory-bound and SMT siblings only contend."""
-    try:
-        cores = set()
-        phys = core = None
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("physical id"):
-                phys = line.split(":")[1].strip()
-            elif line.startswith("core id"):
-                core = line.split(":")[1].strip()
-            elif not line.strip():
-                if core is not None:
-                    cores.add((phys, core))
-                phys = core = None
-        if core is not None:
-            cores.add((phys, core))
-        if cores:
-            return len(cores)
-    except OSError:
-        pass
-    return max(1, os.cpu_count() or 1)
+def build_id() -> str:
+    """Which llama.cpp computes: the binding's version and the compiled features (CPU kernels, GPU backends).
+    Two builds may round differently, so KV states and replays are only comparable within one build id."""
+    import llama_cpp
+
+    _init_once()
+    return f"llama-cpp-python {llama_cpp.__version__}; " + " ".join(system_info().split())
+
+
+# The default thread count (physical cores within the CPU affinity and cgroup quota) has one owner, medrwr_edge.cpu,
+# for llama.cpp and onnxruntime alike; re-exported here for this module's callers.
+from ..cpu import physical_cores  # noqa: E402,F401
 
 
 GGUF_MAGIC = b"GGUF"
@@ -240,6 +231,7 @@ class NativeContext:
         params.n_threads_batch = n_threads
         params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.no_perf = True
+        self.kv_type = f"k:{int(params.type_k)} v:{int(params.type_v)}"  # ggml type ids of the KV cache
         self._ctx = lc.llama_init_from_model(model.handle, params)
         if not self._ctx:
             raise ModelError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")

@@ -115,6 +115,11 @@ def parse_options(options: Sequence[str]) -> list[Option]:
         raise InputError(f"option letters repeat: {', '.join(letters)}")
     if len(parsed) > 26:
         raise InputError("at most 26 options")
+    for i, o in enumerate(parsed):  # "A. CT", "C. MRI": the model would be asked to choose among letters that skip
+        want = chr(ord("A") + i)
+        if o.letter != want:
+            raise InputError(f"option {i + 1} is lettered {o.letter}, expected {want}: letter the options A, B, C, "
+                             "… in order, or leave the letters out")
     return parsed
 
 

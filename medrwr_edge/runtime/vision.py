@@ -247,9 +247,10 @@ class VisionEncoder:
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise ModelError(f"vision encoder not found: {self.path}")
+        from ..cpu import physical_cores
+
         opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = threads or physical_cores()  # ORT's own default ignores CPU affinity
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])

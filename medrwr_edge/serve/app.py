@@ -36,7 +36,6 @@ from .worker import AskJob, AskWorker, NotAccepting, QueueFull, RequestCancelled
 
 log = logging.getLogger("medrwr_edge.serve")
 PAGE_FILE = Path(__file__).with_name("static") / "index.html"
-SSE_KEEPALIVE_SECONDS = 15.0
 REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 
@@ -252,7 +251,9 @@ def create_app(session_factory: Callable[[], Any], config: Optional[ServeConfig]
         try:
             yield _data(oai.completion_chunk(rid, created, model, {"role": "assistant", "content": ""}))
             async for kind, payload in _drain(job):
-                if kind == "piece":
+                if kind == "keepalive":  # while queued or in a long step: an SSE comment, which clients skip
+                    yield _data(None)
+                elif kind == "piece":
                     yield _data(oai.completion_chunk(rid, created, model, {"reasoning_content": payload["text"]}))
             try:
                 record, _ = job.future.result()
@@ -267,10 +268,12 @@ def create_app(session_factory: Callable[[], Any], config: Optional[ServeConfig]
                 job.cancel()
 
     async def _drain(job: AskJob):
-        """The job's events until it ends; a comment line every 15 s keeps idle proxies from closing the stream."""
+        """The job's events until it ends, with ("keepalive", None) after every `keepalive_seconds` of silence (a
+        request waiting in the queue sends nothing else): each stream turns it into a comment line, which keeps
+        idle proxies from closing the connection."""
         while True:
             try:
-                kind, payload = await asyncio.wait_for(job.events.get(), SSE_KEEPALIVE_SECONDS)
+                kind, payload = await asyncio.wait_for(job.events.get(), config.keepalive_seconds)
             except asyncio.TimeoutError:
                 yield "keepalive", None
                 continue

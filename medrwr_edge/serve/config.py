@@ -26,6 +26,7 @@ class ServeConfig:
     max_body_bytes: int = 32 * 1024 * 1024  # refused with 413 before the body is read past this
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers at all
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown before being aborted
+    keepalive_seconds: float = 15.0  # an SSE comment this often on a quiet stream (queued, or a long step)
     keep_reports: int = 32  # finished requests whose HTML report stays available at /v1/reports/{id}
     max_tokens_limit: int = 2048  # the most a request may ask for per generation pass
     log_answers: bool = False  # append each answer to the local answer log (command "api"); the CLI turns it on

@@ -4,6 +4,12 @@
 asyncio queue (bounded: a full queue is refused at once with a Retry-After estimate, never silently delayed) and
 one thread answers them in order. The loop's events travel back to the request's handler through the event loop.
 
+Sharing: the packs (and, through kb_pack.pack, their encoders) are opened once, by the main Session; a request
+for a subset of them gets a view over the same open Pack objects and the same model, never a second copy.
+
+Uploads: a job's private folder is removed when nothing can read it any more: by the worker thread once the answer
+(and its HTML report) is done, or, for a job that never ran, when it is dropped from the queue.
+
 Cancelling: every loop event passes through `_Sink`, which raises `RequestCancelled` once the client has gone.
 The exception unwinds `Session.ask` between two tokens, so the backend is left consistent (every sampled token is
 decoded before its piece is streamed), and the next `Session.ask` starts with `backend.reset()` anyway.
@@ -12,6 +18,7 @@ decoded before its piece is streamed), and the next `Session.ask` starts with `b
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import logging
 import math
@@ -19,7 +26,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -35,7 +42,6 @@ REQUEST_SETTINGS = {
     "top_k_diagnoses": int, "cdir_open_ended": bool, "allow_mixed_modalities": bool,
 }
 NULLABLE_SETTINGS = {"search_mode", "top_k_diagnoses"}
-MAX_CACHED_PACK_SESSIONS = 8
 
 
 class RequestCancelled(Exception):
@@ -101,7 +107,6 @@ class AskWorker:
         self._task: Optional[asyncio.Task] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.session = None
-        self._pack_sessions: OrderedDict = OrderedDict()
         self.current: Optional[AskJob] = None
         self.accepting = False
         self.counters = Counters()
@@ -143,9 +148,6 @@ class AskWorker:
             log.info("shutdown: %d request(s) aborted after %.0f s", aborted, timeout)
 
     def _close_sessions(self) -> None:
-        for s in self._pack_sessions.values():
-            s.close()
-        self._pack_sessions.clear()
         if self.session is not None:
             self.session.close()
             self.session = None
@@ -188,8 +190,12 @@ class AskWorker:
             self.current = job
             job.started_at = time.monotonic()
             self._emit(job, "started", {"type": "started", "request_id": job.request_id})
+            running: Future = self._executor.submit(self._answer, job)
+            # Done (answered, failed, or never run because the executor shut down): only then can nothing read
+            # the uploads any more, whatever happened to this task meanwhile.
+            running.add_done_callback(lambda _f, job=job: _remove_uploads(job))
             try:
-                result = await asyncio.shield(loop.run_in_executor(self._executor, self._answer, job))
+                result = await asyncio.shield(asyncio.wrap_future(running))
             except asyncio.CancelledError:
                 job.cancel()  # the worker task itself is being stopped (shutdown)
                 self.current = None
@@ -223,24 +229,9 @@ class AskWorker:
 
     def _session_for(self, packs: Optional[list[str]]):
         main = self.session
-        names = self.text_pack_names()
-        if packs is None or list(packs) == names:
+        if packs is None or list(packs) == self.text_pack_names():
             return main
-        key = tuple(packs)
-        if key in self._pack_sessions:
-            self._pack_sessions.move_to_end(key)
-            return self._pack_sessions[key]
-        from ..runtime.api import Session
-
-        paths = {p["name"]: p["path"] for p in main.pack_records if p.get("role") == "knowledge"}
-        image_pack = main.image_pack.path if main.image_pack is not None else False
-        # Same loaded model, a different set of open packs; only ever used from this one thread.
-        sub = Session(packs=[paths[n] for n in packs], image_pack=image_pack, settings=main.settings,
-                      backend=main.backend)
-        self._pack_sessions[key] = sub
-        while len(self._pack_sessions) > MAX_CACHED_PACK_SESSIONS:
-            self._pack_sessions.popitem(last=False)[1].close()
-        return sub
+        return _pack_subset(main, packs)
 
     def _emit(self, job: AskJob, kind: str, payload) -> None:
         """Thread-safe: hand an event to the request's handler on the event loop."""
@@ -274,8 +265,24 @@ class AskWorker:
                 job.future.exception()  # mark retrieved: a client that left will never read it
         if job.events is not None:
             job.events.put_nowait(("end", None))
-        if job.workdir is not None:
-            shutil.rmtree(job.workdir, ignore_errors=True)
+        if job.started_at is None:  # never handed to the worker thread: nothing else will read its uploads
+            _remove_uploads(job)
+
+
+def _remove_uploads(job: AskJob) -> None:
+    if job.workdir is not None:
+        shutil.rmtree(job.workdir, ignore_errors=True)
+
+
+def _pack_subset(main, names: list[str]):
+    """A view of the main Session searching only `names`: the same open Pack objects (with their loaded encoders)
+    and the same model, so no request re-opens a pack. Never closed: the main Session owns everything."""
+    by_name = {p.name: p for p in main.text_packs}
+    records = {r["name"]: r for r in main.pack_records if r.get("role") == "knowledge"}
+    view = copy.copy(main)
+    view.text_packs = [by_name[n] for n in names]
+    view.pack_records = [records[n] for n in names] + [r for r in main.pack_records if r.get("role") != "knowledge"]
+    return view
 
 
 class _Sink:

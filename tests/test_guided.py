@@ -110,6 +110,15 @@ def test_no_retrieval_skips_the_query_and_think_tokens_zero_skips_thinking():
     assert rec.assistant_text.endswith("</retrieve>\n<answer> B </answer>")
 
 
+def test_doc_words_cuts_each_spliced_entry_and_the_record_shows_what_was_spliced():
+    rec, _, _ = guided([" x </think>", " pneumothorax </query>", " x </think>"], guided_doc_words=3)
+    docs = rec.retrievals()[0].docs
+    assert [d.snippet for d in docs] == [f"passage {i} about …" for i in range(3)]
+    assert "(1) passage 0 about …\n(2)" in rec.assistant_text
+    rec, _, _ = guided([" x </think>"], protocol="rag", guided_doc_words=3)
+    assert "Knowledge base entries:\n(1) passage 0 about …\n" in rec.prompt
+
+
 def test_the_exemplar_is_in_the_guided_system_turn_only():
     rec, _, _ = guided([" x </think>", " pneumothorax </query>", " x </think>"])
     assert P.GUIDED_EXEMPLAR in rec.prompt
@@ -193,3 +202,98 @@ def test_guided_on_a_real_model_serves_a_query_and_reads_the_letter_probability(
         p /= p.sum()
         (letter_token,) = be.tokenize(" " + rec.letter)
         assert rec.confidence == pytest.approx(float(p[letter_token]), rel=1e-5)
+
+
+# ------------------------------------------------------------------ every front end takes the same path
+from evidence_helpers import assert_valid, evidence_packs, fake_encoders  # noqa: E402,F401  (fixtures)
+
+GUIDED_SCRIPT = [" The lung looks collapsed. </think>", " pneumothorax </query>", " Entry one fits. </think>"]
+
+
+def untrained(outputs, **kw):
+    """A scripted model that does not declare the protocol: `protocol="auto"` runs it guided."""
+    be = ScriptedBackend(outputs, next_probs=LETTERS, **kw)
+    be.info.declares_protocol = False
+    return be
+
+
+def test_ask_api_runs_guided_for_an_untrained_model_and_native_when_asked(evidence_packs, fake_encoders, medrwr_home):
+    from medrwr_edge.runtime.api import Session
+
+    text_pack, _, _ = evidence_packs
+    with Session(packs=[text_pack], image_pack=False, backend=untrained(GUIDED_SCRIPT)) as s:
+        rec = s.ask(None, QUESTION, [f"{o.letter}. {o.text}" for o in OPTIONS])
+    assert rec.protocol == "guided" and rec.settings["protocol"] == "auto" and rec.letter == "B"
+    assert rec.retrievals()[0].docs and rec.queries()[0].issued_by == "model"
+    assert_valid(rec.to_dict())
+    native = ScriptedBackend(["<think> a </think>\n<answer> C </answer>"])
+    native.info.declares_protocol = False
+    with Session(packs=[text_pack], image_pack=False, backend=native) as s:
+        rec = s.ask(None, QUESTION, [f"{o.letter}. {o.text}" for o in OPTIONS], protocol="native")
+    assert rec.protocol == "native" and rec.letter == "C"
+
+
+class ScriptPerQuestion(ScriptedBackend):
+    """An untrained scripted model whose script is chosen by a key in the prompt (one session, many questions)."""
+
+    def __init__(self, scripts: dict):
+        super().__init__([], next_probs=LETTERS)
+        self.info.declares_protocol = False
+        self.scripts = scripts
+
+    def prefill(self, prompt):
+        n = super().prefill(prompt)
+        self.outputs = next(v for k, v in self.scripts.items() if k in self.cache_text())
+        return n
+
+
+def test_eval_runs_every_item_guided_and_reports_runtime_queries(evidence_packs, fake_encoders, tmp_path,
+                                                                medrwr_home):
+    from medrwr_edge.eval.datasets import EvalItem
+    from medrwr_edge.eval.runner import run_eval
+    from medrwr_edge.runtime.api import Session
+
+    text_pack, _, _ = evidence_packs
+    opts = [f"{o.letter}. {o.text}" for o in OPTIONS]
+    items = [EvalItem("q1", "First: " + QUESTION, opts, "B", ["Pneumothorax"]),
+             EvalItem("q2", "Second: " + QUESTION, opts, "B", ["Pneumothorax"])]
+    # q1: a usable query; q2: the echoed "..." query, replaced by the question; rag (the entries are in the user
+    # turn, "Knowledge base entries"): one answering pass
+    scripts = {"Knowledge base entries": [" entries say B </think>"], "First:": GUIDED_SCRIPT,
+               "Second:": [" hmm </think>", " ... </query>", " ok </think>"]}
+    with Session(packs=[text_pack], image_pack=False, backend=ScriptPerQuestion(scripts)) as s:
+        summary = run_eval(items, s, tmp_path / "ev", ["retrieval", "rag"])
+    ret, rag = summary["modes"]["retrieval"], summary["modes"]["rag"]
+    assert (ret["accuracy"], ret["retrieval_rate"], ret["queries_by_model"], ret["queries_by_runtime"]) == (1, 1, 1, 1)
+    assert (rag["accuracy"], rag["retrieval_rate"], rag["queries_by_runtime"]) == (1, 1, 2)
+
+
+def test_chat_turns_are_guided_too(evidence_packs, fake_encoders, medrwr_home):
+    from medrwr_edge.runtime.chat import Chat
+
+    text_pack, _, _ = evidence_packs
+    # distil writes the query; the guided answer pass: think, then the model's free answer after <answer>
+    be = untrained([" pneumothorax", " The entries describe air in the pleura. </think>",
+                    " a pneumothorax </answer>"])
+    with Chat(packs=[text_pack], backend=be) as chat:
+        turn = chat.send("What explains a hyperlucent hemithorax?")
+    assert turn.evidence.protocol == "guided" and turn.answer == "a pneumothorax"
+    assert "</retrieve>\n<think> The entries describe air in the pleura. </think>\n<answer> a pneumothorax </answer>" \
+        in be.cache_text()
+
+
+def test_serve_answers_guided(evidence_packs, fake_encoders, medrwr_home):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from medrwr_edge.runtime.api import Session
+    from medrwr_edge.serve import ServeConfig, create_app
+
+    text_pack, _, _ = evidence_packs
+    factory = lambda: Session(packs=[text_pack], image_pack=False, backend=untrained(GUIDED_SCRIPT))  # noqa: E731
+    with TestClient(create_app(factory, ServeConfig())) as client:
+        res = client.post("/v1/ask", data={"question": QUESTION, "options": [f"{o.letter}. {o.text}" for o in OPTIONS]})
+    assert res.status_code == 200, res.text
+    rec = res.json()["record"] if "record" in res.json() else res.json()
+    assert rec["protocol"] == "guided" and rec["letter"] == "B"
+    assert [s["issued_by"] for s in rec["steps"] if s["type"] == "query"] == ["model"]

@@ -87,6 +87,8 @@ def eval_command(
     think_tokens: int = typer.Option(96, "--think-tokens", help="guided/rag: tokens the model may think before its "
                                      "query and before its answer (0: none)"),
     no_exemplar: bool = typer.Option(False, "--no-exemplar", help="guided/rag: no worked example in the system turn"),
+    doc_words: int = typer.Option(0, "--doc-words", help="guided/rag: cut each spliced entry to its first N words "
+                                  "(0: whole entries)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N valid items"),
     workers: int = typer.Option(1, "--workers", help="worker processes (only 1 is useful on one CPU model)"),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: evaluate every N-th item starting at K"),
@@ -134,7 +136,8 @@ def eval_command(
         raise InputError("--threads must be at least 1")
     settings = AskSettings(seed=seed, max_tokens=max_tokens, n_ctx=n_ctx, gpu_layers=gpu_layers,
                            cdir_threshold=threshold, retrieval=needs_retrieval, cdir=needs_cdir, n_threads=threads,
-                           protocol=protocol, guided_think_tokens=think_tokens, guided_exemplar=not no_exemplar)
+                           protocol=protocol, guided_think_tokens=think_tokens, guided_exemplar=not no_exemplar,
+                           guided_doc_words=doc_words)
     if out is None:
         stem = Path(dataset).stem if not dataset.startswith("builtin:") else dataset.split(":", 1)[1]
         out = Path(f"eval-{stem}-{Path(model).stem if model else 'default'}")

@@ -56,6 +56,7 @@ class AskSettings:
     protocol: str = "auto"
     guided_think_tokens: int = 96  # guided/rag: tokens the model may think before its query and before its answer
     guided_exemplar: bool = True  # guided/rag, multiple choice: one worked example in the system turn
+    guided_doc_words: int = 0  # guided/rag: each spliced entry cut to its first N words (0: whole entries)
 
     def resolved_protocol(self, backend) -> str:
         if self.protocol != "auto":
@@ -67,6 +68,7 @@ class AskSettings:
             protocol=protocol,
             guided_think_tokens=self.guided_think_tokens,
             guided_exemplar=self.guided_exemplar,
+            guided_doc_words=self.guided_doc_words,
             max_passes=self.max_passes,
             top_k=self.top_k_docs,
             retrieval=self.retrieval,
@@ -248,8 +250,9 @@ def _check_settings(s: AskSettings) -> None:
         raise InputError("the thread count must be at least 1")
     if s.frame is not None and (not isinstance(s.frame, int) or s.frame < 0):
         raise InputError(f"--frame must be a frame number ≥ 0 (got {s.frame})")
-    if s.guided_think_tokens < 0:
-        raise InputError(f"guided_think_tokens must be ≥ 0 (got {s.guided_think_tokens})")
+    if s.guided_think_tokens < 0 or s.guided_doc_words < 0:
+        raise InputError("guided_think_tokens and guided_doc_words must be ≥ 0 "
+                         f"(got {s.guided_think_tokens}, {s.guided_doc_words})")
     if s.protocol not in PROTOCOL_CHOICES:
         raise InputError(f"protocol must be one of {', '.join(PROTOCOL_CHOICES)} (got {s.protocol!r})")
     if s.top_k_diagnoses is not None and not (isinstance(s.top_k_diagnoses, int) and 1 <= s.top_k_diagnoses <= 10):

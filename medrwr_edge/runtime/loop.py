@@ -77,6 +77,7 @@ class LoopConfig:
     guided_think_tokens: int = 96  # guided: tokens the model may think before its query and before its answer
     guided_query_tokens: int = 40  # guided: tokens of the model's query
     guided_exemplar: bool = True  # guided, multiple choice: one worked example in the system turn
+    guided_doc_words: int = 0  # guided/rag: each spliced entry cut to its first N words (0: whole entries)
 
 
 # Events streamed to a UI while the loop runs: ("piece", text), ("query", Query), ("retrieve", Retrieve),
@@ -322,6 +323,7 @@ class MedRwRLoop:
             query, issued_by = runtime_query(question), "runtime"
             docs = self.text_retriever.search(query, cfg.top_k)[: cfg.top_k] if query else []
         search_seconds = time.perf_counter() - t0
+        _shorten(docs, cfg.guided_doc_words)
         # The cache holds exactly "<query> {query} </query>": the model's words as searched, or the runtime's.
         be.rollback(n_query)
         self._write(t, stats, f" {query} {P.QUERY_CLOSE}", emit)
@@ -435,6 +437,7 @@ class MedRwRLoop:
         docs = self.text_retriever.search(query, self.config.top_k)[: self.config.top_k] \
             if (self.text_retriever is not None and self.config.retrieval and query) else []
         step.served = bool(docs)
+        _shorten(docs, self.config.guided_doc_words)
         block = P.rag_entries(d.snippet for d in docs)
         retrieve = Retrieve(query, docs, block, 0, 0, False, round(time.perf_counter() - t0, 4))
         emit("query", step)
@@ -709,6 +712,14 @@ def _cut_generation(be, n_start: int, gen: Generation, keep_chars: int) -> str:
     if keep[pos:]:
         be.append_text(keep[pos:])
     return keep
+
+
+def _shorten(docs: list[RetrievedDoc], words: int) -> None:
+    """Guided/rag: keep each entry's first `words` words (its snippet is what is spliced, so the record shows it)."""
+    for d in docs if words > 0 else ():
+        w = d.snippet.split()
+        if len(w) > words:
+            d.snippet = " ".join(w[:words]) + " …"
 
 
 def runtime_query(question: str) -> str:

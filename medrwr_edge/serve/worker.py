@@ -40,6 +40,7 @@ REQUEST_SETTINGS = {
     "temperature": float, "top_p": float, "top_k_sampling": int, "seed": int, "max_tokens": int,
     "top_k_docs": int, "retrieval": bool, "cdir": bool, "cdir_threshold": float, "search_mode": str,
     "top_k_diagnoses": int, "cdir_open_ended": bool, "allow_mixed_modalities": bool,
+    "protocol": str, "guided_think_tokens": int,
 }
 NULLABLE_SETTINGS = {"search_mode", "top_k_diagnoses"}
 

@@ -14,9 +14,9 @@ import base64
 import os
 from pathlib import Path
 
-from ..errors import InputError, IntegrityError, MedrwrError
+from ..errors import InputError, MedrwrError
 from ..paths import atomic_write_bytes
-from .verify_and_install import BundleRejected, ed25519_verify, fingerprint, load_public_key
+from .verify_and_install import BundleRejected, fingerprint, load_public_key
 
 PRIVATE_KEY_FILE = "medrwr-deploy.key"
 PUBLIC_KEY_FILE = "medrwr-deploy.pub"
@@ -104,12 +104,3 @@ def read_public_key(path: str | os.PathLike) -> bytes:
         raise InputError(f"{path}: {e}") from None
     return pem
 
-
-def verify_signature(public_pem: bytes, message: bytes, signature: bytes) -> None:
-    """IntegrityError unless `signature` is public_pem's key's signature of `message` (pure-Python check)."""
-    try:
-        raw = load_public_key(public_pem)
-    except BundleRejected as e:
-        raise InputError(str(e)) from None
-    if not ed25519_verify(raw, message, signature):
-        raise IntegrityError(f"the signature does not verify with key {fingerprint(raw)}")

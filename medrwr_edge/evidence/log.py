@@ -322,6 +322,23 @@ def log_answer(record: Union[EvidenceRecord, dict], command: str = "ask", no_log
     return append_record(record, command)
 
 
+@dataclass
+class Logged:
+    """What `finish_answer` did with an answer: its log id (None: logging off or failed) and why it failed."""
+
+    log_id: Optional[int] = None
+    error: Optional[MedrwrError] = None
+
+
+def finish_answer(record: Union[EvidenceRecord, dict], command: str, no_log: bool = False) -> Logged:
+    """After every answer (`ask`, `serve`): append it to the answer log. An unwritable log must not cost the user
+    the answer, so a failure is returned to the caller to report in its own words, never raised."""
+    try:
+        return Logged(log_answer(record, command, no_log))
+    except MedrwrError as e:
+        return Logged(None, e)
+
+
 def read_logged_record(log_id: int, path: Optional[Union[str, os.PathLike]] = None) -> dict:
     p = Path(path) if path is not None else log_path()
     if not p.exists():

@@ -85,16 +85,14 @@ def ask_command(
         on_event=view.on_event if view else None,
         history=history,
     )
-    from ..errors import MedrwrError
-    from ..evidence.log import log_answer
+    from ..evidence.log import finish_answer
 
     notes = []
-    try:
-        log_id = log_answer(record, "ask", no_log)
-        if log_id is not None:
-            notes.append(f"logged as #{log_id} (medrwr-edge logs; medrwr-edge replay {log_id})")
-    except MedrwrError as e:  # an answer must not be lost because the log is unwritable
-        notes.append(f"warning: not logged: {e}")
+    logged = finish_answer(record, "ask", no_log)
+    if logged.log_id is not None:
+        notes.append(f"logged as #{logged.log_id} (medrwr-edge logs; medrwr-edge replay {logged.log_id})")
+    if logged.error is not None:  # an answer must not be lost because the log is unwritable
+        notes.append(f"warning: not logged: {logged.error}")
     if report is not None:
         from ..evidence.report import write_report
 

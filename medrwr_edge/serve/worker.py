@@ -314,13 +314,11 @@ class _Sink:
 def _log(record) -> None:
     """Append to the answer log like `ask` does (scrubbed: image hashes, years of study dates). An unwritable log
     must not cost the client its answer: one warning line in the server log instead (no content in it)."""
-    from ..errors import MedrwrError
-    from ..evidence.log import log_answer
+    from ..evidence.log import finish_answer
 
-    try:
-        log_answer(record, "api")
-    except MedrwrError as e:
-        logging.getLogger("medrwr_edge.serve").warning("answer not logged: %s", type(e).__name__)
+    logged = finish_answer(record, "api")
+    if logged.error is not None:
+        logging.getLogger("medrwr_edge.serve").warning("answer not logged: %s", type(logged.error).__name__)
 
 
 def checked_overrides(raw: Optional[dict], max_tokens_limit: int) -> dict:

@@ -53,6 +53,10 @@ def ask_command(
     allow_mixed_modalities: bool = typer.Option(
         False, "--allow-mixed-modalities", help="accept priors of another modality than IMAGE (e.g. MR vs CT)"),
     history: Optional[str] = typer.Option(None, "--history", help="patient key: also search that patient's history"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="URL of an inference server (llama.cpp server, "
+                                         "vLLM) that generates the tokens; packs, evidence and logs stay here"),
+    engine_timeout: float = typer.Option(120.0, "--engine-timeout", help="seconds without a byte from --engine "
+                                         "before a request is given up"),
 ) -> None:
     from .api import AskSettings, ask
 
@@ -60,7 +64,7 @@ def ask_command(
         temperature=temperature, seed=seed, max_tokens=max_tokens, retrieval=not no_retrieval, cdir=not no_cdir,
         cdir_threshold=threshold, search_mode=mode, n_ctx=n_ctx, gpu_layers=gpu_layers, n_threads=threads,
         top_k_diagnoses=top_k_diagnoses, cdir_open_ended=cdir_open_ended,
-        allow_mixed_modalities=allow_mixed_modalities, frame=frame,
+        allow_mixed_modalities=allow_mixed_modalities, frame=frame, engine=engine, engine_timeout=engine_timeout,
     )
     from ..errors import InputError
 

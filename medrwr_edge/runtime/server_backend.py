@@ -668,9 +668,10 @@ class ServerBackend:
         top = dict(first.top) if first is not None else {}
         if first is not None and first.token_id is not None and first.prob == first.prob:
             top.setdefault(first.token_id, first.prob)
+        # Any token outside the top-k has p <= the k-th probability and p <= the mass the top-k leave.
+        bound = min(min(top.values(), default=1.0), max(0.0, 1.0 - sum(top.values())))
         if top and all(isinstance(k, str) for k in top):  # a text-only server names tokens by their text
             top = self._ids_for_pieces(top, token_ids)
-        bound = min(min(top.values(), default=1.0), max(0.0, 1.0 - sum(top.values())))
         self.last_probs_bounded = [int(t) not in top for t in token_ids]
         return [top.get(int(t), bound) for t in token_ids]
 

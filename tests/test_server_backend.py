@@ -310,3 +310,26 @@ def test_a_server_that_keeps_no_cache_between_passes_still_gives_the_same_answer
     assert recs[1]["model"]["engine"]["prompt_tokens_computed"] is None
     assert "cached_tokens" not in recs[1]["model"]["engine"]["requests"][0]
     assert any("does not report prompt tokens served from its cache" in n for n in recs[1]["notes"])
+
+
+def test_replay_through_the_server_compares_like_with_like(engine, smoke_gguf, small_icd_pack, medrwr_home):
+    from medrwr_edge.errors import IntegrityError
+    from medrwr_edge.evidence.replay import replay
+    from medrwr_edge.runtime.api import ask
+
+    rec = ask(None, QUESTION, OPTIONS, packs=[small_icd_pack], image_pack=False, engine=engine.url,
+              max_tokens=32, n_ctx=4096).to_dict()
+    assert rec["model"]["engine"]["model_id"].endswith(".gguf")
+    result = replay(rec)  # the record names its server: replayed there, model checked by the id it serves
+    assert result.identical, result.divergence
+    assert any("checked by the id the server reports" in v for v in result.verified)
+    assert any("exact identity cannot be promised" in n and "text prompts only" in n for n in result.notes)
+    # An in-process record replayed on the server: it runs, and says it is not like with like.
+    local = ask(None, QUESTION, OPTIONS, packs=[small_icd_pack], image_pack=False, model=smoke_gguf,
+                max_tokens=32, n_ctx=4096, n_threads=1).to_dict()
+    crossed = replay(local, engine=engine.url)
+    assert any("not like with like" in n for n in crossed.notes)
+    # A server that serves another model id is refused before anything is compared.
+    rec["model"]["engine"]["model_id"] = "some-other-model"
+    with pytest.raises(IntegrityError, match="not the same model"):
+        replay(rec)

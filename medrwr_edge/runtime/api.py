@@ -346,7 +346,8 @@ def load_backend(model: Optional[PathLike], settings: AskSettings):
                              "in-process backend: give one or the other")
         from .server_backend import ServerBackend
 
-        return ServerBackend(settings.engine, timeout=settings.engine_timeout, n_ctx=settings.n_ctx)
+        return ServerBackend(settings.engine, timeout=settings.engine_timeout, n_ctx=settings.n_ctx,
+                             api_key=os.environ.get("MEDRWR_ENGINE_API_KEY") or None)
     from .. import assets
     from ..paths import cached_sha256, data_dir
 

@@ -62,32 +62,35 @@ def blocks(pack_path) -> list[str]:
         pack.close()
 
 
-def answer(be, gen: int, retrieve_blocks, between=None) -> list[int]:
-    """One 2-retrieval answer; returns the prompt length of each generation request."""
+def answer(be, gen: int, retrieve_blocks, between=None) -> tuple[list[int], int]:
+    """One 2-retrieval answer; returns the prompt length of each generation request, and how many of those
+    prompt tokens were new to the server (the first prompt and the appended query/retrieve text)."""
     greedy = SamplingSettings(temperature=0.0, max_tokens=gen)
     be.reset()
     be.prefill(loop_prompt())
-    lengths = []
+    lengths, new = [], be.n_tokens()
     for i in range(3):
         if between is not None:
             between()
         lengths.append(be.n_tokens())
         be.generate(greedy, ["</query>", "</answer>"])
         if i < 2:
-            be.append_text(f"\n<query> {QUERIES[i]} </query>")
-            be.append_text(retrieve_blocks[i])
-    return lengths
+            new += be.append_text(f"\n<query> {QUERIES[i]} </query>")
+            new += be.append_text(retrieve_blocks[i])
+    return lengths, new
 
 
 def recomputed(log_segment: str, prompt_len: int) -> int:
-    """Prompt tokens the server evaluated for one request, from its own log line (none: the whole prompt)."""
-    m = HIT_RE.findall(log_segment)
-    if "full prompt already cached" in log_segment:
+    """Prompt tokens the server evaluated for our request, from its own log line (none: the whole prompt). Our
+    request's line comes first in the segment; an evicting client's request may follow it."""
+    m = HIT_RE.search(log_segment)
+    full = log_segment.find("full prompt already cached")
+    if full >= 0 and (m is None or full < m.start()):
         return 0
-    return int(m[-1][1]) if m else prompt_len
+    return int(m.group(2)) if m else prompt_len
 
 
-def measure_recompute(server, url, gen, retrieve_blocks, evict: bool) -> tuple[int, int]:
+def measure_recompute(server, url, gen, retrieve_blocks, evict: bool) -> tuple[int, int, int]:
     from medrwr_edge.runtime.server_backend import ServerBackend
 
     be, other = ServerBackend(url, n_ctx=4096), ServerBackend(url, n_ctx=4096)
@@ -99,13 +102,13 @@ def measure_recompute(server, url, gen, retrieve_blocks, evict: bool) -> tuple[i
             other.generate(SamplingSettings(max_tokens=1), [])
         marks.append(len(server.log_text()))
 
-    lengths = answer(be, gen, retrieve_blocks, between)
+    lengths, new = answer(be, gen, retrieve_blocks, between)
     marks.append(len(server.log_text()))
     log = server.log_text()
     total = sum(recomputed(log[marks[i]:marks[i + 1]], lengths[i]) for i in range(3))
     be.close()
     other.close()
-    return total, sum(lengths)
+    return total, sum(lengths), new
 
 
 def bench_serve(url, pack, clients: int, gen: int) -> dict:
@@ -180,12 +183,16 @@ def main() -> None:
     server = LlamaCppPythonServer(model, work / "server.log", n_ctx=4096, threads=1)
     try:
         url = server.url
-        with_cache, total_prompt = measure_recompute(server, url, args.gen, retrieve_blocks, evict=False)
-        without_cache, _ = measure_recompute(server, url, args.gen, retrieve_blocks, evict=True)
+        with_cache, total_prompt, new = measure_recompute(server, url, args.gen, retrieve_blocks, evict=False)
+        without_cache, _, _ = measure_recompute(server, url, args.gen, retrieve_blocks, evict=True)
+        reenc_with, reenc_without = max(0, with_cache - new), max(0, without_cache - new)
         print(f"prompt tokens sent per 2-retrieval answer (3 requests): {total_prompt}")
+        print(f"of which new to the server (first prompt + queries + retrieve blocks): {new}")
         print(f"prompt tokens recomputed by the server, prefix cache: {with_cache}")
         print(f"prompt tokens recomputed by the server, cache evicted between passes: {without_cache}")
         print(f"recompute ratio without/with prefix cache: {without_cache / max(1, with_cache):.2f}x (goal >= 3x)")
+        print(f"re-encoded tokens (recomputed minus new), prefix cache: {reenc_with}")
+        print(f"re-encoded tokens (recomputed minus new), cache evicted: {reenc_without}")
 
         local = LlamaTextBackend(str(model), n_ctx=4096, n_threads=1, sha256=sha256_file(model))
         remote = ServerBackend(url, n_ctx=4096)
@@ -215,6 +222,8 @@ def main() -> None:
         print("BENCH_JSON " + json.dumps({"figures": [
             {"name": "server prompt tokens recomputed, without/with prefix cache", "value":
              round(without_cache / max(1, with_cache), 2), "unit": "x", "goal": ">= 3"},
+            {"name": "server re-encoded tokens per answer, with prefix cache", "value": reenc_with, "unit": "tokens"},
+            {"name": "server re-encoded tokens per answer, cache evicted", "value": reenc_without, "unit": "tokens"},
             {"name": "seconds per answer, server/in-process", "value": round(b / a, 2), "unit": "x"},
             {"name": f"serve answers/s, {args.clients} clients", "value": round(s["per_s"], 3), "unit": "answers/s"},
             {"name": f"serve p95, {args.clients} clients", "value": round(s["p95"], 1), "unit": "s"},

@@ -193,6 +193,11 @@ def test_forced_retrieval_through_the_server_equals_in_process(engine, smoke_ggu
 
 
 def test_eval_through_the_server_equals_in_process(engine, smoke_gguf, small_icd_pack, tmp_path, medrwr_home):
+    """One mode only: with "plain,retrieval" the second mode sends the server a prompt it holds in full, and
+    llama-cpp-python then re-decodes the prompt's last token alone to refresh its logits ("replay one token" in
+    Llama.generate). Those logits differ in the last bits from the batched decode the in-process backend did, and
+    on builtin:icd10 item 2 a near-tie (D 0.157 vs C 0.150) flips the greedy answer. Found by this test; it is why
+    replay on a server says exact identity cannot be promised."""
     import typer
     from typer.testing import CliRunner
 
@@ -202,14 +207,14 @@ def test_eval_through_the_server_equals_in_process(engine, smoke_gguf, small_icd
     app = typer.Typer()
     register(app)
     app.command("noop")(lambda: None)
-    base = ["eval", "builtin:icd10", "--limit", "2", "--modes", "plain,retrieval", "--pack", str(small_icd_pack),
+    base = ["eval", "builtin:icd10", "--limit", "2", "--modes", "retrieval", "--pack", str(small_icd_pack),
             "--max-tokens", "24", "--ctx", "4096", "--json", "--no-progress"]
     runs = {}
     for name, extra in (("local", ["--model", str(smoke_gguf), "--threads", "1"]), ("server", ["--engine", engine.url])):
         res = CliRunner().invoke(app, [*base, *extra, "--out", str(tmp_path / name)])
         assert res.exit_code == 0, res.output
         runs[name] = read_records(tmp_path / name / "records.jsonl")
-    assert len(runs["server"]) == 4
+    assert len(runs["server"]) == 2
     for a, b in zip(runs["local"], runs["server"]):
         assert _comparable(b["evidence"]) == _comparable(a["evidence"])
         assert b["evidence"]["model"]["engine"]["server"] == "llama-cpp-python"

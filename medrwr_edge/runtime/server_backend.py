@@ -292,9 +292,15 @@ class _OpenAI(_Dialect):
                     top = {(_token_id(k) if _token_id(k) is not None else k): math.exp(v)
                            for k, v in ((tops[i] if i < len(tops) and tops[i] else {}).items())}
                     lp_i = lps[i] if i < len(lps) else None
-                    # The piece: the chunk's text when it carries one token (vLLM with token-id names, partial
-                    # UTF-8 held back); else the logprobs' token string (llama-cpp-python streams one per chunk).
-                    piece = text if (tid is not None or len(names) == 1) else name
+                    # The piece: the chunk's text when it carries one token (partial UTF-8 held back by the
+                    # server comes with a later token). A chunk of several tokens named by id (vLLM with a stream
+                    # interval) gives its whole text to its last token, so the text stays exact for the stop cut.
+                    if len(names) == 1:
+                        piece = text
+                    elif tid is None:
+                        piece = name
+                    else:
+                        piece = text if i == len(names) - 1 else ""
                     yield _Token(tid, piece, math.exp(lp_i) if lp_i is not None else float("nan"), top)
                 if choice.get("finish_reason"):
                     # No stop strings are sent, so "stop" is the end of turn.

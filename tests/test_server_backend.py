@@ -317,11 +317,16 @@ def test_a_server_that_keeps_no_cache_between_passes_still_gives_the_same_answer
     assert any("does not report prompt tokens served from its cache" in n for n in recs[1]["notes"])
 
 
-def test_replay_through_the_server_compares_like_with_like(engine, smoke_gguf, small_icd_pack, medrwr_home):
+def test_replay_through_the_server_compares_like_with_like(engine, smoke_gguf, small_icd_pack, tmp_path,
+                                                           monkeypatch):
+    from cli_harness import installed_models_dir, private_home
+
     from medrwr_edge.errors import IntegrityError
     from medrwr_edge.evidence.replay import replay
     from medrwr_edge.runtime.api import ask
 
+    # replay verifies each pack's encoder against the installed models: a private home that links to them
+    monkeypatch.setenv("MEDRWR_EDGE_HOME", str(private_home(tmp_path, installed_models_dir())))
     rec = ask(None, QUESTION, OPTIONS, packs=[small_icd_pack], image_pack=False, engine=engine.url,
               max_tokens=32, n_ctx=4096).to_dict()
     assert rec["model"]["engine"]["model_id"].endswith(".gguf")

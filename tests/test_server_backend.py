@@ -168,6 +168,9 @@ def test_ask_through_the_server_equals_in_process(engine, smoke_gguf, small_icd_
     assert len(eng["requests"]) == len(server["passes"])
     assert all(r["server_prompt_tokens"] == r["prompt_tokens"] for r in eng["requests"])
     assert server["settings"]["engine"] == engine.url
+    from evidence_helpers import assert_valid
+
+    assert_valid(server)  # the record, engine block included, matches the published schema
 
 
 def test_forced_retrieval_through_the_server_equals_in_process(engine, smoke_gguf, small_icd_pack):

@@ -376,6 +376,10 @@ class ServerBackend:
         if not d.token_prompts:
             notes.append(f"the inference server ({d.server}) takes text prompts only: it re-tokenizes the sequence "
                          "each pass, so exact identity with the in-process backend cannot be promised")
+        if getattr(d, "vision", False):
+            notes.append("the llama.cpp server's model takes images (--mmproj), but /completion carries them only with "
+                         "a text prompt (multimodal_data), not with the token-id prompts this backend sends: images "
+                         "are not shown to the model through --engine")
         if not d.cache_counters:
             notes.append(f"the inference server ({d.server}) does not report prompt tokens served from its cache")
         model_id = getattr(d, "model_id", "") or getattr(d, "model_path", "").rsplit("/", 1)[-1]

@@ -177,7 +177,9 @@ class _LlamaCpp(_Dialect):
             for i, tid in enumerate(ids):
                 p = probs[i] if i < len(probs) else {}
                 raw = bytes(p["bytes"]) if p.get("bytes") is not None else None
-                text = decoder.feed(raw) if raw is not None else (chunk.get("content", "") if len(ids) == 1 else "")
+                # Without per-token bytes the chunk's text goes to its last token (exact text for the stop cut).
+                text = decoder.feed(raw) if raw is not None else (
+                    chunk.get("content", "") if i == len(ids) - 1 else "")
                 top = {int(t["id"]): math.exp(t["logprob"]) for t in p.get("top_logprobs") or [] if "id" in t}
                 prob = math.exp(p["logprob"]) if "logprob" in p else top.get(tid, float("nan"))
                 yield _Token(tid, text, prob, top)

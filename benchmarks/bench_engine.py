@@ -94,7 +94,8 @@ def measure_recompute(server, url, gen, retrieve_blocks, evict: bool) -> tuple[i
     from medrwr_edge.runtime.server_backend import ServerBackend
 
     be, other = ServerBackend(url, n_ctx=4096), ServerBackend(url, n_ctx=4096)
-    other.prefill("<|im_start|>user\nAn unrelated question from another workstation.<|im_end|>\n<|im_start|>assistant\n")
+    other.prefill("<|im_start|>user\nAn unrelated question from another workstation.<|im_end|>\n"
+                  "<|im_start|>assistant\n")
     marks = []
 
     def between():

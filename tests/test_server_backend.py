@@ -213,7 +213,8 @@ def test_eval_through_the_server_equals_in_process(engine, smoke_gguf, small_icd
     base = ["eval", "builtin:icd10", "--limit", "2", "--modes", "retrieval", "--pack", str(small_icd_pack),
             "--max-tokens", "24", "--ctx", "4096", "--json", "--no-progress"]
     runs = {}
-    for name, extra in (("local", ["--model", str(smoke_gguf), "--threads", "1"]), ("server", ["--engine", engine.url])):
+    for name, extra in (("local", ["--model", str(smoke_gguf), "--threads", "1"]),
+                        ("server", ["--engine", engine.url])):
         res = CliRunner().invoke(app, [*base, *extra, "--out", str(tmp_path / name)])
         assert res.exit_code == 0, res.output
         runs[name] = read_records(tmp_path / name / "records.jsonl")

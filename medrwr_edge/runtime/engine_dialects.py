@@ -174,8 +174,8 @@ class OpenAIDialect(Dialect):
         for route, field_, detok in (("/tokenize", "prompt", "prompt"), ("/tokenize", "input", "text"),
                                      ("/extras/tokenize", "input", "text")):
             try:
-                out = self.http.post(route, {field_: "a", **({"add_special_tokens": False} if field_ == "prompt" else {})},
-                                    )
+                body = {field_: "a", **({"add_special_tokens": False} if field_ == "prompt" else {})}
+                out = self.http.post(route, body)
             except EngineError:
                 continue
             if isinstance(out, dict) and isinstance(out.get("tokens"), list):
@@ -381,7 +381,8 @@ class EngineHTTP:
                     except ValueError:
                         raise EngineError(f"the inference server sent a malformed event on {path}") from None
                     if isinstance(chunk, dict) and chunk.get("error"):
-                        raise EngineError(f"the inference server failed during generation: {brief(str(chunk['error']))}")
+                        raise EngineError("the inference server failed during generation: "
+                                          f"{brief(str(chunk['error']))}")
                     yield chunk
                     if isinstance(chunk, dict) and chunk.get("stop") is True:
                         done = True  # llama.cpp's last event

@@ -107,7 +107,8 @@ class ServerBackend:
         self.info = EngineInfo(
             # The server does not expose its weights' hash: the record's sha256 is of the model id it reports
             # (engine_record says so), so replay can tell a different model by name, not by bytes.
-            name=f"server:{d.server}", model_path=model_id, model_sha256=_id_sha256(d.server, model_id), has_vision=False, n_ctx=ctx,
+            name=f"server:{d.server}", model_path=model_id, model_sha256=_id_sha256(d.server, model_id),
+            has_vision=False, n_ctx=ctx,
             device="server", notes=notes, url=origin(self.url), dialect="llama.cpp" if isinstance(d, LlamaCppDialect)
             else "openai", server=d.server, model_id=model_id, token_prompts=d.token_prompts,
             cache_counters=d.cache_counters,

@@ -108,6 +108,10 @@ def eval_command(
     restart: bool = typer.Option(False, "--restart", help="discard what OUT already holds"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="URL of an inference server (llama.cpp server, "
+                                         "vLLM) that generates the tokens; packs, evidence and logs stay here"),
+    engine_timeout: float = typer.Option(120.0, "--engine-timeout", help="seconds without a byte from --engine "
+                                         "before a request is given up"),
 ) -> None:
     from ..runtime.api import AskSettings, Session
     from .runner import MODES, parse_modes, run_eval
@@ -137,7 +141,7 @@ def eval_command(
     settings = AskSettings(seed=seed, max_tokens=max_tokens, n_ctx=n_ctx, gpu_layers=gpu_layers,
                            cdir_threshold=threshold, retrieval=needs_retrieval, cdir=needs_cdir, n_threads=threads,
                            protocol=protocol, guided_think_tokens=think_tokens, guided_exemplar=not no_exemplar,
-                           guided_doc_words=doc_words)
+                           guided_doc_words=doc_words, engine=engine, engine_timeout=engine_timeout)
     if out is None:
         stem = Path(dataset).stem if not dataset.startswith("builtin:") else dataset.split(":", 1)[1]
         out = Path(f"eval-{stem}-{Path(model).stem if model else 'default'}")

@@ -111,6 +111,8 @@ def replay_command(
     as_json: bool = typer.Option(False, "--json", help="print the replay result as JSON"),
     history: Optional[str] = typer.Option(None, "--history", help="the patient key, when the answer searched a "
                                           "patient history (medrwr-edge history)"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="inference server URL to replay on (default: the "
+                                         "recorded one, if the record was made through a server)"),
 ) -> None:
     from .replay import load_source, replay
 
@@ -121,7 +123,8 @@ def replay_command(
             raise InputError(f"--pack {item}: give NAME=PATH (the pack's name as recorded, and its location)")
         overrides[name] = path
     data, label = load_source(record)
-    result = replay(data, image or [], model=model, packs=overrides, source=label, history=history)
+    result = replay(data, image or [], model=model, packs=overrides, source=label, history=history,
+                    engine=engine)
     if as_json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
     else:

@@ -57,6 +57,8 @@ class AskSettings:
     guided_think_tokens: int = 96  # guided/rag: tokens the model may think before its query and before its answer
     guided_exemplar: bool = True  # guided/rag, multiple choice: one worked example in the system turn
     guided_doc_words: int = 0  # guided/rag: each spliced entry cut to its first N words (0: whole entries)
+    engine: Optional[str] = None  # URL of an inference server (llama.cpp server, vLLM) that generates the tokens
+    engine_timeout: float = 120.0  # seconds without a byte from that server before a request is given up
 
     def resolved_protocol(self, backend) -> str:
         if self.protocol != "auto":
@@ -161,6 +163,8 @@ class Session:
         if settings.cdir and images and self.image_pack is None:
             record.notes.append("CDIR unavailable: no image pack installed or given")
         loop.run(record, question, opts, images, on_event)
+        if hasattr(self.backend, "engine_record"):  # an inference server: which one, and its cache counters
+            record.model["engine"] = self.backend.engine_record()
         record.timings.update(self.load_seconds)
         record.timings["total"] = round(time.perf_counter() - t0, 4)
         return record
@@ -248,6 +252,8 @@ def _check_settings(s: AskSettings) -> None:
         raise InputError(f"context size {s.n_ctx} is too small (at least 512)")
     if s.n_threads is not None and s.n_threads < 1:
         raise InputError("the thread count must be at least 1")
+    if s.engine_timeout <= 0:
+        raise InputError(f"--engine-timeout must be more than 0 seconds (got {s.engine_timeout})")
     if s.frame is not None and (not isinstance(s.frame, int) or s.frame < 0):
         raise InputError(f"--frame must be a frame number ≥ 0 (got {s.frame})")
     if s.guided_think_tokens < 0 or s.guided_doc_words < 0:
@@ -354,7 +360,16 @@ def _pack_record(pack, role: str) -> dict:
 
 
 def load_backend(model: Optional[PathLike], settings: AskSettings):
-    """The llama.cpp backend for a GGUF file or an installed model name (default: the default LLM)."""
+    """The llama.cpp backend for a GGUF file or an installed model name (default: the default LLM), or the
+    inference server at settings.engine."""
+    if settings.engine:
+        if model is not None:
+            raise InputError("--engine generates with the model the server has loaded; --model is for the "
+                             "in-process backend: give one or the other")
+        from .server_backend import ServerBackend
+
+        return ServerBackend(settings.engine, timeout=settings.engine_timeout, n_ctx=settings.n_ctx,
+                             api_key=os.environ.get("MEDRWR_ENGINE_API_KEY") or None)
     from .. import assets
     from ..paths import cached_sha256, data_dir
 

@@ -56,6 +56,10 @@ def ask_command(
     protocol: str = typer.Option("auto", "--protocol", help="auto, native, guided or rag (auto: native for models "
                                  "trained on Med-RwR, guided for the others: the runtime writes the tags, serves a "
                                  "query on every question and reads the option letter the model rates highest)"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="URL of an inference server (llama.cpp server, "
+                                         "vLLM) that generates the tokens; packs, evidence and logs stay here"),
+    engine_timeout: float = typer.Option(120.0, "--engine-timeout", help="seconds without a byte from --engine "
+                                         "before a request is given up"),
 ) -> None:
     from .api import AskSettings, ask
 
@@ -63,7 +67,8 @@ def ask_command(
         temperature=temperature, seed=seed, max_tokens=max_tokens, retrieval=not no_retrieval, cdir=not no_cdir,
         cdir_threshold=threshold, search_mode=mode, n_ctx=n_ctx, gpu_layers=gpu_layers, n_threads=threads,
         top_k_diagnoses=top_k_diagnoses, cdir_open_ended=cdir_open_ended,
-        allow_mixed_modalities=allow_mixed_modalities, frame=frame, protocol=protocol,
+        allow_mixed_modalities=allow_mixed_modalities, frame=frame, protocol=protocol, engine=engine,
+        engine_timeout=engine_timeout,
     )
     from ..errors import InputError
 

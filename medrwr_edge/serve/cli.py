@@ -34,6 +34,10 @@ def serve_command(
     threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (default: physical cores)"),
     gpu_layers: int = typer.Option(0, "--gpu-layers", help="layers to offload to a GPU build of llama.cpp (-1: all)"),
     no_log: bool = typer.Option(False, "--no-log", help="do not append answers to the local answer log"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="URL of an inference server (llama.cpp server, "
+                                         "vLLM) that generates the tokens; packs, evidence and logs stay here"),
+    engine_timeout: float = typer.Option(120.0, "--engine-timeout", help="seconds without a byte from --engine "
+                                         "before a request is given up"),
 ) -> None:
     from ..errors import InputError
     from .config import ServeConfig, read_api_key
@@ -52,7 +56,8 @@ def serve_command(
         raise InputError(f"serve needs the serve extra ({e.name} is missing): pip install -e \".[serve]\"") from None
     from ..runtime.api import AskSettings, Session
 
-    settings = AskSettings(n_ctx=n_ctx, n_threads=threads, gpu_layers=gpu_layers, retrieval=not no_retrieval)
+    settings = AskSettings(n_ctx=n_ctx, n_threads=threads, gpu_layers=gpu_layers, retrieval=not no_retrieval,
+                           engine=engine, engine_timeout=engine_timeout)
     # Load now, so a missing model or pack is one error line, not a failed server start.
     session = Session(packs=pack or None, image_pack=image_pack, model=model, settings=settings)
     _configure_logging()

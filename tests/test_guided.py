@@ -37,6 +37,7 @@ def guided(outputs, *, next_probs=LETTERS, protocol="guided", texts=None, images
     be = ScriptedBackend(outputs, next_probs=next_probs)
     be.info.declares_protocol = False
     texts = texts if texts is not None else FakeTexts()
+    cfg = {"guided_think_tokens": 96, "guided_doc_words": 0, **cfg}  # these scripts think, and entries stay whole
     config = LoopConfig(protocol=protocol, sampling=SamplingSettings(max_tokens=200), generation_reserve_tokens=64,
                         **cfg)
     rec = EvidenceRecord(question=QUESTION, options=[], images=[], model={}, packs=[], settings={})
@@ -207,7 +208,7 @@ def test_guided_on_a_real_model_serves_a_query_and_reads_the_letter_probability(
 # ------------------------------------------------------------------ every front end takes the same path
 from evidence_helpers import assert_valid, evidence_packs, fake_encoders  # noqa: E402,F401  (fixtures)
 
-GUIDED_SCRIPT = [" The lung looks collapsed. </think>", " pneumothorax </query>", " Entry one fits. </think>"]
+GUIDED_SCRIPT = [" pneumothorax </query>"]  # the default guided turn: the model's query, then the letter read
 
 
 def untrained(outputs, **kw):
@@ -259,8 +260,7 @@ def test_eval_runs_every_item_guided_and_reports_runtime_queries(evidence_packs,
              EvalItem("q2", "Second: " + QUESTION, opts, "B", ["Pneumothorax"])]
     # q1: a usable query; q2: the echoed "..." query, replaced by the question; rag (the entries are in the user
     # turn, "Knowledge base entries"): one answering pass
-    scripts = {"Knowledge base entries": [" entries say B </think>"], "First:": GUIDED_SCRIPT,
-               "Second:": [" hmm </think>", " ... </query>", " ok </think>"]}
+    scripts = {"Knowledge base entries": [], "First:": GUIDED_SCRIPT, "Second:": [" ... </query>"]}
     with Session(packs=[text_pack], image_pack=False, backend=ScriptPerQuestion(scripts)) as s:
         summary = run_eval(items, s, tmp_path / "ev", ["retrieval", "rag"])
     ret, rag = summary["modes"]["retrieval"], summary["modes"]["rag"]
@@ -272,14 +272,12 @@ def test_chat_turns_are_guided_too(evidence_packs, fake_encoders, medrwr_home):
     from medrwr_edge.runtime.chat import Chat
 
     text_pack, _, _ = evidence_packs
-    # distil writes the query; the guided answer pass: think, then the model's free answer after <answer>
-    be = untrained([" pneumothorax", " The entries describe air in the pleura. </think>",
-                    " a pneumothorax </answer>"])
+    # distil writes the query; the guided answer pass: the runtime opens <answer>, the model writes its free answer
+    be = untrained([" pneumothorax", " a pneumothorax </answer>"])
     with Chat(packs=[text_pack], backend=be) as chat:
         turn = chat.send("What explains a hyperlucent hemithorax?")
     assert turn.evidence.protocol == "guided" and turn.answer == "a pneumothorax"
-    assert "</retrieve>\n<think> The entries describe air in the pleura. </think>\n<answer> a pneumothorax </answer>" \
-        in be.cache_text()
+    assert "</retrieve>\n<answer> a pneumothorax </answer>" in be.cache_text()
 
 
 def test_serve_answers_guided(evidence_packs, fake_encoders, medrwr_home):

@@ -84,11 +84,11 @@ def eval_command(
     modes: str = typer.Option("plain,rag,retrieval,retrieval+cdir", "--modes", help="comma-separated modes"),
     protocol: str = typer.Option("auto", "--protocol", help="auto, native or guided (auto: native for Med-RwR "
                                  "models, guided for models never trained on the protocol); rag mode is its own"),
-    think_tokens: int = typer.Option(96, "--think-tokens", help="guided/rag: tokens the model may think before its "
-                                     "query and before its answer (0: none)"),
+    think_tokens: Optional[int] = typer.Option(None, "--think-tokens", help="guided/rag: tokens the model may think before its "
+                                     "query and before its answer (0: none; default: AskSettings')"),
     no_exemplar: bool = typer.Option(False, "--no-exemplar", help="guided/rag: no worked example in the system turn"),
-    doc_words: int = typer.Option(0, "--doc-words", help="guided/rag: cut each spliced entry to its first N words "
-                                  "(0: whole entries)"),
+    doc_words: Optional[int] = typer.Option(None, "--doc-words", help="guided/rag: cut each spliced entry to its first N words "
+                                  "(0: whole entries; default: AskSettings')"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N valid items"),
     workers: int = typer.Option(1, "--workers", help="worker processes (only 1 is useful on one CPU model)"),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: evaluate every N-th item starting at K"),
@@ -140,8 +140,10 @@ def eval_command(
         raise InputError("--threads must be at least 1")
     settings = AskSettings(seed=seed, max_tokens=max_tokens, n_ctx=n_ctx, gpu_layers=gpu_layers,
                            cdir_threshold=threshold, retrieval=needs_retrieval, cdir=needs_cdir, n_threads=threads,
-                           protocol=protocol, guided_think_tokens=think_tokens, guided_exemplar=not no_exemplar,
-                           guided_doc_words=doc_words, engine=engine, engine_timeout=engine_timeout)
+                           protocol=protocol, guided_exemplar=not no_exemplar, engine=engine,
+                           engine_timeout=engine_timeout,
+                           **{k: v for k, v in (("guided_think_tokens", think_tokens), ("guided_doc_words", doc_words))
+                              if v is not None})
     if out is None:
         stem = Path(dataset).stem if not dataset.startswith("builtin:") else dataset.split(":", 1)[1]
         out = Path(f"eval-{stem}-{Path(model).stem if model else 'default'}")

@@ -243,7 +243,8 @@ def summarize(records: Sequence[dict], modes: Sequence[str]) -> dict:
             "errors": sum(1 for r in rs if r["status"] == "error"),
             # answers that gave an option's text, not its letter (0 under the paper's strict first-token rule)
             "letters_from_option_text": sum(1 for r in mcq if r.get("letter_source") == "option-text"),
-            "correct_by_option_text": sum(1 for r in mcq if r.get("letter_source") == "option-text" and r["correct"]),
+            "correct_by_option_text": sum(1 for r in mcq if r.get("letter_source") == "option-text"
+                                          and r.get("correct_lenient", r["correct"])),
             "retrieval_rate": round(sum(1 for r in rs if r["retrievals_with_docs"]) / len(rs), 4) if rs else None,
             "queries_per_question": _mean([r["queries"] for r in rs]),
             "queries_by_runtime": sum(r.get("queries_by_runtime", 0) for r in rs),

@@ -54,9 +54,9 @@ class AskSettings:
     # guided for every other model; "native": the paper's protocol byte for byte; "guided": protocol guidance
     # (runtime/loop.py); "rag": the baseline (one search on the question, entries in the user turn)
     protocol: str = "auto"
-    guided_think_tokens: int = 96  # guided/rag: tokens the model may think before its query and before its answer
-    guided_exemplar: bool = True  # guided/rag, multiple choice: one worked example in the system turn
-    guided_doc_words: int = 0  # guided/rag: each spliced entry cut to its first N words (0: whole entries)
+    guided_think_tokens: int = LoopConfig.guided_think_tokens  # guided/rag: thinking before the query and answer
+    guided_exemplar: bool = LoopConfig.guided_exemplar  # guided/rag, multiple choice: a worked example (system turn)
+    guided_doc_words: int = LoopConfig.guided_doc_words  # guided/rag: each spliced entry cut to N words (0: whole)
     engine: Optional[str] = None  # URL of an inference server (llama.cpp server, vLLM) that generates the tokens
     engine_timeout: float = 120.0  # seconds without a byte from that server before a request is given up
 

@@ -74,10 +74,12 @@ class LoopConfig:
     # "native": the paper's protocol; "guided": scaffold tags, a query always served, the letter read at the answer
     # position; "rag": the baseline (one search on the question, entries in the user turn, one guided answer pass)
     protocol: str = "native"
-    guided_think_tokens: int = 96  # guided: tokens the model may think before its query and before its answer
+    # guided: tokens the model may think before its query and before its answer. 0 (the default, as measured in the
+    # README): the untrained model's thinking was not shown to help, and it costs decode time
+    guided_think_tokens: int = 0
     guided_query_tokens: int = 40  # guided: tokens of the model's query
     guided_exemplar: bool = True  # guided, multiple choice: one worked example in the system turn
-    guided_doc_words: int = 0  # guided/rag: each spliced entry cut to its first N words (0: whole entries)
+    guided_doc_words: int = 40  # guided/rag: each spliced entry cut to its first N words (0: whole entries)
 
 
 # Events streamed to a UI while the loop runs: ("piece", text), ("query", Query), ("retrieve", Retrieve),
@@ -303,7 +305,7 @@ class MedRwRLoop:
     def _guided_query_pass(self, t: PassTrace, question: str, options, emit: EventSink) -> None:
         """<think> the model </think>\n<query> the model's query, or the runtime's </query>, then the retrieve block."""
         be, cfg = self.backend, self.config
-        stats = PassStats(0, "reasoning", 0, 0, "", 0.0)
+        stats = PassStats(0, "reasoning", 0, 0, "stop", 0.0)  # "stop": the runtime closed it
         t.passes.append(stats)
         self._guided_think(t, stats, 0, emit)
         self._write(t, stats, P.QUERY_OPEN, emit)
@@ -344,7 +346,7 @@ class MedRwRLoop:
         """<think> the model </think>\n<answer> the letter the model rates highest (or its free text) </answer>"""
         be, cfg = self.backend, self.config
         t.answer_start = (be.n_tokens(), len(t.turn))
-        stats = PassStats(pass_index, kind, 0, 0, "", 0.0)
+        stats = PassStats(pass_index, kind, 0, 0, "stop", 0.0)  # until a generation says otherwise
         t.passes.append(stats)
         self._guided_think(t, stats, pass_index, emit)
         self._write(t, stats, P.ANSWER_OPEN, emit)

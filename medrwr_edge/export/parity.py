@@ -1,27 +1,92 @@
-"""Numerical parity of the edge artefacts with the original torch model (export time and tests).
+"""Numerical parity of the edge artefacts with the original torch model: the export's gates (and the tests').
 
-- text: next-token logits of a text prompt, GGUF (llama.cpp) vs torch;
-- image+text: the same for a prompt with two images, ONNX embeds -> llama.cpp batch with M-RoPE positions vs
-  the HF model on the HF processor's pixel values (the reference computes its own positions: get_rope_index);
+Checks, each on the next-token logits at the end of a probe prompt, judged RELATIVE to the logit scale (the
+largest |logit| torch gives on that probe), so one bound holds for a tiny random model and a 7B:
+
+- text: a short probe set of text prompts, the unquantised GGUF (llama.cpp) vs torch;
+- image+text: a prompt with two images, ONNX embeds -> llama.cpp batch with M-RoPE positions vs the HF model on
+  the HF processor's pixel values (the reference computes its own positions: get_rope_index);
 - negative control: the same image+text run with 1-D positions (each image token its own t = y = x, text
-  continuing at start + n) — it must be far off, otherwise the test could not tell positions apart;
-- quantised: the quantised GGUF on the image+text prompt: max logit difference and whether the top token agrees.
+  continuing at start + n). It must miss the reference by several times the image+text bound, otherwise the
+  image+text check could not tell right positions from wrong ones and proves nothing;
+- quantised: the quantised GGUF on every probe (text + image): the share of probes whose top-1 token agrees with
+  torch's (its max logit difference is recorded, not gated: quantisation error is expected).
+
+Two torch references, same probes, same numbers:
+
+- `FullReference`: the whole HF model in RAM (float32; checkpoints up to 2 GB of weights by default);
+- `LayeredReference`: for larger checkpoints (a 7B needs ~32 GB as float32): the decoder run one layer at a time,
+  each layer's weights read from the safetensors, used on every probe at once and freed, so peak memory is one
+  layer + the vision tower + activations. Embedding rows and the LM head are read in slices. Image rows come from
+  the torch vision tower, positions from HF's own get_rope_index.
+
+`check_gates(result)` raises `ParityError` naming the first failing check and its figure; the exporter calls it
+before the bundle directory is published, so a failing export leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
+import time
+import types
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..errors import ModelError
 from ..runtime.vision import VisionSpec
 
 TEXT_PROMPT = "<|im_start|>user\nWhich finding is most likely? A. Pleural effusion B. Pneumothorax<|im_end|>\n" \
               "<|im_start|>assistant\n<think>"
 IMAGE_PROMPT_HEAD = "<|im_start|>user\n"
 IMAGE_PROMPT_TAIL = "What does the study show? A. mass B. effusion<|im_end|>\n<|im_start|>assistant\n<think>"
+# The text probe set: short, so the layered path stays bounded; ends where a Med-RwR model writes its first
+# reasoning, query or answer token.
+TEXT_PROBES = (
+    TEXT_PROMPT,
+    "<|im_start|>user\nA 64-year-old smoker has haemoptysis and a 3 cm spiculated lung mass. Next step?<|im_end|>\n"
+    "<|im_start|>assistant\n<think> The mass is suspicious for carcinoma. </think>\n<query>",
+    "<|im_start|>user\nCT of the abdomen: hypodense liver lesion, 3.5 cm, peripheral enhancement.<|im_end|>\n"
+    "<|im_start|>assistant\n<think> Peripheral nodular enhancement suggests a haemangioma. </think>\n<answer>",
+    "<|im_start|>user\nWhich ICD-10-CM code is lobar pneumonia, unspecified organism? A. J18.1 B. J15.9"
+    "<|im_end|>\n<|im_start|>assistant\n<think>",
+)
+
+Progress = Callable[[str], None]
+
+
+class ParityError(ModelError):
+    """An exported artefact does not reproduce the torch model within its bound."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Parity bounds, relative to the logit scale (max |torch logit| on the probe). Recorded in the manifest."""
+
+    text_rel: float  # unquantised GGUF vs torch, text probes
+    image_text_rel: float  # the ONNX-embeds path vs torch, image+text probe
+    negative_control_min_rel: float  # 1-D positions must miss torch by at least this much
+    quantised_min_top1_agreement: float  # share of probes whose top-1 token the quantised GGUF keeps
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "relative_to": "max |torch logit| of each probe"}
+
+
+# f32 GGUF: llama.cpp's KV cache is f16 even for f32 weights; measured on the tiny fixture: text 6.9e-4, image+text
+# 1.5e-4 of the scale. f16 GGUF (checkpoints >= 512 MB): f16 weights too; measured 1.1e-3 / 1.5e-3 (tiny, layered).
+# A scaled tensor (test) or 1-D image positions (negative control, 2.7e-1) miss by far more.
+_UNQUANTISED_REL = {"f32": 5e-3, "f16": 2e-2}
+NEGATIVE_CONTROL_FACTOR = 3.0  # the negative control must miss by >= 3x the image+text bound
+# Share of probes (text + image) whose top-1 token the quantised decoder keeps. k-quants may flip a near tie on one
+# of the five probes; q8_0 and f16 may not.
+_QUANT_MIN_TOP1 = {"q4_k_m": 0.8, "q5_k_m": 0.8, "q8_0": 1.0, "f16": 1.0, "f32": 1.0}
+
+
+def bounds_for(base_type: str, quant: str) -> Bounds:
+    rel = _UNQUANTISED_REL[base_type]
+    return Bounds(rel, rel, NEGATIVE_CONTROL_FACTOR * rel, _QUANT_MIN_TOP1.get(quant, 0.8))
 
 
 def parity_images() -> list[np.ndarray]:
@@ -36,12 +101,38 @@ def parity_images() -> list[np.ndarray]:
     return [a[::2, ::2].copy(), b[:, : b.shape[1] * 2 // 3].copy()]  # smaller + non-square: fast, exercises windows
 
 
+# ---------------------------------------------------------------------------------------------- torch side
+
+
 def torch_model(checkpoint: str | Path):
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
     return model.eval()
+
+
+@dataclass
+class ImageProbe:
+    ids: list[int]
+    pixel_values: object  # torch tensor from the HF (slow, PIL) image processor
+    grid_thw: object  # torch tensor (n_images, 3)
+
+
+def image_probe(tokenizer, checkpoint, images, head: str, tail: str) -> ImageProbe:
+    """The HF reference's input: the HF image processor's pixels and `<|image_pad|>` x n per image."""
+    from transformers import AutoImageProcessor
+
+    proc = AutoImageProcessor.from_pretrained(checkpoint, use_fast=False)
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    batch = proc(images=list(images), return_tensors="pt")
+    ids = tokenizer(head)["input_ids"]
+    for grid in batch["image_grid_thw"]:
+        n = int(grid.prod()) // proc.merge_size**2
+        ids += tokenizer("<|vision_start|>")["input_ids"] + [config["image_token_id"]] * n
+        ids += tokenizer("<|vision_end|>")["input_ids"]
+    ids += tokenizer(tail)["input_ids"]
+    return ImageProbe(ids, batch["pixel_values"], batch["image_grid_thw"])
 
 
 def torch_text_logits(model, tokenizer, text: str) -> tuple[np.ndarray, list[int]]:
@@ -55,37 +146,218 @@ def torch_text_logits(model, tokenizer, text: str) -> tuple[np.ndarray, list[int
 
 def torch_image_logits(model, tokenizer, checkpoint, images, head: str, tail: str) -> np.ndarray:
     """HF reference: the HF (slow, PIL) image processor + the full model forward with its own rope index."""
-    import torch
-    from transformers import AutoImageProcessor
-
-    proc = AutoImageProcessor.from_pretrained(checkpoint, use_fast=False)
-    config = json.loads((Path(checkpoint) / "config.json").read_text())
-    batch = proc(images=list(images), return_tensors="pt")
-    ids = tokenizer(head)["input_ids"]
-    for grid in batch["image_grid_thw"]:
-        n = int(grid.prod()) // proc.merge_size**2
-        ids += tokenizer("<|vision_start|>")["input_ids"] + [config["image_token_id"]] * n
-        ids += tokenizer("<|vision_end|>")["input_ids"]
-    ids += tokenizer(tail)["input_ids"]
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]), pixel_values=batch["pixel_values"],
-                    image_grid_thw=batch["image_grid_thw"])
-    return out.logits[0, -1].float().numpy()
+    return FullReference(model).logits([], image_probe(tokenizer, checkpoint, images, head, tail))[1]
 
 
-def edge_image_logits(gguf: Path, vision_onnx: Path, spec: VisionSpec, images, head: str, tail: str,
-                      one_d_positions: bool = False) -> np.ndarray:
+class FullReference:
+    """The whole HF model in RAM."""
+
+    method = "full"
+
+    def __init__(self, model):
+        self.model = model
+
+    def logits(self, text_ids: Sequence[list[int]], probe: Optional[ImageProbe]) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
+        import torch
+
+        with torch.no_grad():
+            texts = [self.model(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy() for ids in text_ids]
+            image = None
+            if probe is not None:
+                out = self.model(input_ids=torch.tensor([probe.ids]), pixel_values=probe.pixel_values,
+                                 image_grid_thw=probe.grid_thw)
+                image = out.logits[0, -1].float().numpy()
+        return texts, image
+
+
+class LayeredReference:
+    """The decoder one layer at a time from the safetensors (see the module docstring); float32 compute."""
+
+    method = "layer-by-layer"
+    LM_HEAD_ROWS = 16384  # rows of the LM head read at once
+
+    def __init__(self, checkpoint: str | Path, tower=None):
+        from safetensors import safe_open
+        from transformers import Qwen2_5_VLConfig
+
+        self.path = Path(checkpoint)
+        self.config = Qwen2_5_VLConfig.from_pretrained(self.path)
+        self.text_config = getattr(self.config, "text_config", self.config)
+        self.text_config._attn_implementation = "eager"  # with an explicit causal mask: unambiguous
+        self._tower = tower
+        self._where: dict[str, Path] = {}
+        for f in sorted(self.path.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    self._where[key] = f
+        embed = next((k for k in self._where if k.endswith("embed_tokens.weight") and "visual" not in k), None)
+        if embed is None:
+            raise ModelError(f"{self.path}: no embed_tokens.weight in the safetensors")
+        self.prefix = embed[: -len("embed_tokens.weight")]  # "model." or "model.language_model."
+        self.lm_head = "lm_head.weight" if "lm_head.weight" in self._where else embed  # tied embeddings
+        self.layer_seconds: list[float] = []  # load + forward time of each layer, all probes together
+        self.peak_layer_bytes = 0
+
+    def _tensors(self, prefix: str) -> dict:
+        """Every tensor whose name starts with `prefix`, as float32, keyed by the rest of its name."""
+        from safetensors import safe_open
+
+        keys = [k for k in self._where if k.startswith(prefix)]
+        out = {}
+        for f in sorted({self._where[k] for k in keys}):
+            with safe_open(str(f), framework="pt") as sf:
+                out.update({k[len(prefix):]: sf.get_tensor(k).float() for k in keys if self._where[k] == f})
+        return out
+
+    def _rows(self, key: str, ids: Sequence[int]):
+        """Rows `ids` of a 2-D tensor without reading the rest of it."""
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[key]), framework="pt") as sf:
+            sl = sf.get_slice(key)
+            return torch.stack([sl[i : i + 1][0].float() for i in ids])
+
+    def _embeddings(self, ids: list[int], probe: Optional[ImageProbe]):
+        import torch
+
+        uniq = sorted(set(ids))
+        table = dict(zip(uniq, self._rows(self.prefix + "embed_tokens.weight", uniq)))
+        emb = torch.stack([table[i] for i in ids])
+        if probe is not None:
+            if self._tower is None:
+                from .qwen import check_checkpoint, load_vision_tower
+
+                self._tower = load_vision_tower(check_checkpoint(self.path))
+            with torch.no_grad():
+                image_rows = self._tower(probe.pixel_values.float(), grid_thw=probe.grid_thw)
+            mask = torch.tensor(ids) == self.config.image_token_id
+            if int(mask.sum()) != image_rows.shape[0]:
+                raise ModelError("image probe: placeholder count does not match the vision tower's output")
+            emb[mask] = image_rows.float()
+        return emb
+
+    def _positions(self, ids: list[int], probe: Optional[ImageProbe]):
+        import torch
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+        if probe is None:
+            return torch.arange(len(ids)).view(1, 1, -1).expand(3, 1, -1)
+        holder = types.SimpleNamespace(config=self.config)  # get_rope_index reads only self.config
+        pos, _ = Qwen2_5_VLModel.get_rope_index(holder, torch.tensor([ids]), probe.grid_thw, None, None, None)
+        return pos
+
+    def logits(self, text_ids: Sequence[list[int]], probe: Optional[ImageProbe]) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
+        import torch
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            Qwen2_5_VLDecoderLayer,
+            Qwen2_5_VLRotaryEmbedding,
+            Qwen2RMSNorm,
+        )
+
+        tc = self.text_config
+        # Each sequence (the text probes as one right-padded batch, the image probe alone) keeps its hidden states
+        # between layers; a layer's weights are read once and used on all of them.
+        groups = []
+        if text_ids:
+            n = max(len(ids) for ids in text_ids)
+            pad = [ids + [ids[-1]] * (n - len(ids)) for ids in text_ids]  # right padding: causal rows never see it
+            h = torch.stack([self._embeddings(ids, None) for ids in pad])
+            pos = torch.arange(n).view(1, 1, -1).expand(3, len(pad), -1)
+            groups.append({"h": h, "pos": pos, "last": [len(ids) - 1 for ids in text_ids]})
+        if probe is not None:
+            h = self._embeddings(probe.ids, probe)[None]
+            groups.append({"h": h, "pos": self._positions(probe.ids, probe), "last": [len(probe.ids) - 1]})
+        with torch.device("cpu"):
+            rotary = Qwen2_5_VLRotaryEmbedding(config=tc)
+        for g in groups:
+            n = g["h"].shape[1]
+            g["rope"] = rotary(g["h"], g["pos"])
+            g["mask"] = torch.full((n, n), float("-inf")).triu(1)[None, None]
+        with torch.no_grad():
+            for i in range(tc.num_hidden_layers):
+                t0 = time.perf_counter()
+                state = self._tensors(f"{self.prefix}layers.{i}.")
+                self.peak_layer_bytes = max(self.peak_layer_bytes, sum(t.numel() * 4 for t in state.values()))
+                with torch.device("meta"):
+                    layer = Qwen2_5_VLDecoderLayer(tc, i)
+                missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
+                missing = [m for m in missing if not m.endswith("inv_freq")]
+                if missing or unexpected:
+                    raise ModelError(f"layer {i} weights do not match the config: missing {missing[:3]}, "
+                                     f"unexpected {unexpected[:3]}")
+                layer.eval()
+                for g in groups:
+                    out = layer(g["h"], attention_mask=g["mask"], position_embeddings=g["rope"])
+                    g["h"] = out[0] if isinstance(out, tuple) else out
+                del layer, state
+                self.layer_seconds.append(time.perf_counter() - t0)
+            norm = Qwen2RMSNorm(tc.hidden_size, eps=tc.rms_norm_eps)
+            norm.weight.data = self._tensors(self.prefix + "norm.weight")[""]
+            last = [norm(g["h"][b, j]) for g in groups for b, j in enumerate(g["last"])]
+            logits = self._lm_head(torch.stack(last))
+        out = [logits[i].numpy() for i in range(logits.shape[0])]
+        image = out.pop() if probe is not None else None
+        return out, image
+
+    def _lm_head(self, hidden):
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[self.lm_head]), framework="pt") as sf:
+            sl = sf.get_slice(self.lm_head)
+            rows = sl.get_shape()[0]
+            chunks = [hidden @ sl[a : min(a + self.LM_HEAD_ROWS, rows)].float().T
+                      for a in range(0, rows, self.LM_HEAD_ROWS)]
+        return torch.cat(chunks, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- edge side
+
+
+def _image_parts(images, head: str, tail: str) -> list:
     from ..runtime.backend import ImageInput
-    from ..runtime.multimodal_backend import QwenVLBackend
 
     parts: list = [head]
     for img in images:
         parts += ["<|vision_start|>", ImageInput(img, ""), "<|vision_end|>"]
     parts.append(tail)
+    return parts
+
+
+def edge_image_logits(gguf: Path, vision_onnx: Path, spec: VisionSpec, images, head: str, tail: str,
+                      one_d_positions: bool = False) -> np.ndarray:
+    from ..runtime.multimodal_backend import QwenVLBackend
+
     with QwenVLBackend(gguf, vision_onnx, spec, n_ctx=4096) as be:
         be.one_d_positions = one_d_positions
-        be.prefill(parts)
+        be.prefill(_image_parts(images, head, tail))
         return be.last_logits()
+
+
+def edge_logits(gguf: Path, vision_onnx: Path, spec: VisionSpec, text_ids: Sequence[list[int]], images,
+                negative_control: bool = False) -> tuple[list[np.ndarray], np.ndarray, Optional[np.ndarray]]:
+    """llama.cpp logits for the text probes (same token ids as torch), the image+text probe, and optionally the
+    image+text probe with 1-D positions (negative control); one model load."""
+    from ..runtime.multimodal_backend import QwenVLBackend
+
+    parts = _image_parts(images, IMAGE_PROMPT_HEAD, IMAGE_PROMPT_TAIL)
+    with QwenVLBackend(gguf, vision_onnx, spec, n_ctx=4096) as be:
+        texts = []
+        for ids in text_ids:
+            be.reset()
+            be.prefill_tokens(ids)
+            texts.append(be.last_logits())
+        be.reset()
+        be.prefill(parts)
+        image = be.last_logits()
+        wrong = None
+        if negative_control:
+            be.reset()
+            be.one_d_positions = True
+            be.prefill(parts)
+            wrong = be.last_logits()
+    return texts, image, wrong
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -93,39 +365,93 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a[:n] - b[:n]).max())
 
 
-def bundle_parity(checkpoint: str | Path, gguf: Path, vision_onnx: Path, spec: VisionSpec,
-                  quantised: Optional[Path] = None) -> dict:
+def _rel(edge: np.ndarray, ref: np.ndarray) -> float:
+    return max_diff(edge, ref) / max(float(np.abs(ref).max()), 1e-9)
+
+
+def _top1(edge: np.ndarray, ref: np.ndarray) -> bool:
+    return bool(edge[: ref.shape[0]].argmax() == ref.argmax())
+
+
+# ---------------------------------------------------------------------------------------------- the gates
+
+
+def bundle_parity(checkpoint: str | Path, gguf: Path, vision_onnx: Path, spec: VisionSpec, *,
+                  quantised: Optional[Path] = None, quant: str = "f32", base_type: str = "f32",
+                  method: str = "full", tower=None, progress: Optional[Progress] = None) -> dict:
+    """Every check's figures, the bounds and which reference was used (`method`: "full" or "layer-by-layer")."""
     from transformers import AutoTokenizer
 
-    from ..runtime import llama_native
-
-    model = torch_model(checkpoint)
+    say = progress or (lambda msg: None)
+    t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(checkpoint)
-    ref_text, ids = torch_text_logits(model, tok, TEXT_PROMPT)
-    m = llama_native.NativeModel(gguf)
-    try:
-        ctx = llama_native.NativeContext(m, 1024, 512, llama_native.physical_cores())
-        try:
-            ctx.decode_tokens(ids, 0)
-            text = np.array(ctx.last_logits(), dtype=np.float32)
-        finally:
-            ctx.close()
-    finally:
-        m.close()
+    text_ids = [tok(p)["input_ids"] for p in TEXT_PROBES]
     images = parity_images()
-    ref_img = torch_image_logits(model, tok, checkpoint, images, IMAGE_PROMPT_HEAD, IMAGE_PROMPT_TAIL)
-    edge = edge_image_logits(gguf, vision_onnx, spec, images, IMAGE_PROMPT_HEAD, IMAGE_PROMPT_TAIL)
-    wrong = edge_image_logits(gguf, vision_onnx, spec, images, IMAGE_PROMPT_HEAD, IMAGE_PROMPT_TAIL, one_d_positions=True)
-    n = ref_img.shape[0]
+    probe = image_probe(tok, checkpoint, images, IMAGE_PROMPT_HEAD, IMAGE_PROMPT_TAIL)
+    if method == "full":
+        ref = FullReference(torch_model(checkpoint))
+    elif method == "layer-by-layer":
+        ref = LayeredReference(checkpoint, tower=tower)
+    else:
+        raise ValueError(f"unknown parity method {method!r}")
+    say(f"parity: torch reference ({ref.method}) on {len(text_ids)} text probes + 1 image+text probe")
+    t_ref = time.perf_counter()
+    ref_texts, ref_img = ref.logits(text_ids, probe)
+    t_ref = time.perf_counter() - t_ref
+    layered = {"layer_seconds": [round(s, 3) for s in ref.layer_seconds],
+               "peak_layer_bytes_f32": ref.peak_layer_bytes} if isinstance(ref, LayeredReference) else {}
+    method = ref.method
+    del ref  # the torch model's memory is needed for llama.cpp now
+    say("parity: GGUF + ONNX-embeds path on the same probes, and the 1-D-positions negative control")
+    texts, img, wrong = edge_logits(gguf, vision_onnx, spec, text_ids, images, negative_control=True)
+    bounds = bounds_for(base_type, quant)
     result = {
-        "text_logits_max_abs_diff": max_diff(text, ref_text),
-        "image_text_logits_max_abs_diff": max_diff(edge, ref_img),
-        "negative_control_1d_positions_max_abs_diff": max_diff(wrong, ref_img),
+        "method": method,
+        "probes": {"text": len(text_ids), "image_text": 1, "image_tokens": int(sum(
+            int(g.prod()) for g in probe.grid_thw) // 4), "longest_text_tokens": max(len(i) for i in text_ids)},
+        "bounds": bounds.to_dict(),
+        "unquantised_gguf": gguf.name,
         "logit_scale": float(np.abs(ref_img).max()),
-        "top_token_agrees": bool(edge[:n].argmax() == ref_img.argmax()),
+        "text_logits_max_rel_diff": max(_rel(e, r) for e, r in zip(texts, ref_texts)),
+        "text_logits_max_abs_diff": max(max_diff(e, r) for e, r in zip(texts, ref_texts)),
+        "image_text_logits_max_rel_diff": _rel(img, ref_img),
+        "image_text_logits_max_abs_diff": max_diff(img, ref_img),
+        "negative_control_1d_positions_rel_diff": _rel(wrong, ref_img),
+        "negative_control_1d_positions_max_abs_diff": max_diff(wrong, ref_img),
+        "top_token_agrees": _top1(img, ref_img) and all(_top1(e, r) for e, r in zip(texts, ref_texts)),
     }
     if quantised is not None:
-        q = edge_image_logits(quantised, vision_onnx, spec, images, IMAGE_PROMPT_HEAD, IMAGE_PROMPT_TAIL)
-        result["quantised_image_text_logits_max_abs_diff"] = max_diff(q, ref_img)
-        result["quantised_top_token_agrees"] = bool(q[:n].argmax() == ref_img.argmax())
+        say(f"parity: quantised {quantised.name} on the same probes")
+        q_texts, q_img, _ = edge_logits(quantised, vision_onnx, spec, text_ids, images)
+        agree = [_top1(e, r) for e, r in zip(q_texts + [q_img], ref_texts + [ref_img])]
+        result.update({
+            "quantised_gguf": quantised.name,
+            "quantised_top1_agreement": sum(agree) / len(agree),
+            "quantised_top_token_agrees": all(agree),
+            "quantised_logits_max_rel_diff": max(_rel(e, r) for e, r in zip(q_texts + [q_img], ref_texts + [ref_img])),
+            "quantised_image_text_logits_max_abs_diff": max_diff(q_img, ref_img),
+        })
+    result.update(layered)
+    result["seconds"] = {"torch_reference": round(t_ref, 3), "total": round(time.perf_counter() - t0, 3)}
     return result
+
+
+def check_gates(result: dict) -> None:
+    """Raise ParityError for the first check out of bounds, naming it and its figure (one line)."""
+    b = result["bounds"]
+    checks = [
+        ("text logits (GGUF vs torch)", result["text_logits_max_rel_diff"], "<=", b["text_rel"]),
+        ("image+text logits (ONNX embeds + GGUF vs torch)", result["image_text_logits_max_rel_diff"], "<=",
+         b["image_text_rel"]),
+        ("negative control (1-D positions must miss torch)", result["negative_control_1d_positions_rel_diff"], ">=",
+         b["negative_control_min_rel"]),
+    ]
+    if "quantised_top1_agreement" in result:
+        checks.append((f"quantised top-1 agreement ({result['quantised_gguf']})", result["quantised_top1_agreement"],
+                       ">=", b["quantised_min_top1_agreement"]))
+    for name, value, op, bound in checks:
+        ok = value <= bound if op == "<=" else value >= bound
+        if not ok:
+            unit = "" if name.startswith("quantised") else " of the logit scale"
+            raise ParityError(f"parity check failed: {name}: {value:.3g}{unit}, bound {op} {bound:.3g}; "
+                              "no bundle written (--no-parity skips the checks, and says so in the manifest)")

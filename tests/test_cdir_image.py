@@ -198,17 +198,17 @@ def test_cdir_puts_the_reference_image_into_the_cache_on_the_tiny_vl_bundle(smal
         be.close()
 
 
-@pytest.mark.slow
 def test_append_parts_that_do_not_fit_leave_the_sequence_as_it_was():
     from fixtures_qwen import tiny_f32_gguf, tiny_image, tiny_spec, tiny_vision_onnx
     from medrwr_edge.runtime.llama_backend import ContextFullError
     from medrwr_edge.runtime.multimodal_backend import QwenVLBackend
 
-    with QwenVLBackend(tiny_f32_gguf(), tiny_vision_onnx(), tiny_spec(), n_ctx=128) as be:
+    with QwenVLBackend(tiny_f32_gguf(), tiny_vision_onnx(), tiny_spec(), n_ctx=256) as be:  # llama.cpp rounds n_ctx up to 256
         be.prefill(["<|im_start|>user\nWhich finding?<|im_end|>\n<|im_start|>assistant\n"])
-        before = (be.tokens(), be.positions(), be.last_logits(), dict(vars(be.stats)))
+        counts = lambda: {k: v for k, v in vars(be.stats).items() if k != "decode_calls"}  # noqa: E731 (work done)
+        before = (be.tokens(), be.positions(), be.last_logits(), counts())
         with pytest.raises(ContextFullError):
-            be.append_parts(["<retrieve> <|vision_start|>", ImageInput(tiny_image(300, 300), ""), "<|vision_end|>"])
-        assert (be.tokens(), be.positions()) == before[:2] and dict(vars(be.stats)) == before[3]
+            be.append_parts(["<retrieve> <|vision_start|>", ImageInput(tiny_image(640, 640), ""), "<|vision_end|>"])
+        assert (be.tokens(), be.positions()) == before[:2] and counts() == before[3]
         assert np.abs(be.last_logits() - before[2]).max() < 1e-4
         assert be._ctx.kv_positions() == be.positions()[-1] + 1  # nothing of the failed splice left in llama.cpp

@@ -146,6 +146,9 @@ def test_export_writes_a_verified_bundle_with_parity_results():
     assert p["bounds"]["text_rel"] == 5e-3 and p["text_logits_max_rel_diff"] <= p["bounds"]["text_rel"]
     assert p["negative_control_1d_positions_rel_diff"] >= p["bounds"]["negative_control_min_rel"]
     assert p["quantised_top1_agreement"] == 1.0 and p["bounds"]["quantised_min_top1_agreement"] == 1.0
+    from medrwr_edge.export.bundle import parity_summary
+
+    assert parity_summary(m).startswith("parity (full): text ") and "quantised top-1 agreement 100%" in parity_summary(m)
     assert max(r["max_abs_diff"] for r in p["vision_onnx"]["fp32"]) < VISION_ATOL
     assert p["vision_onnx"]["int8"]["min_token_cosine"] >= 0.99 and p["vision_onnx"]["int8"]["kept"]
 

@@ -1,6 +1,6 @@
 """How long the export's layer-by-layer parity reference takes for a 7B: measured on one decoder layer, estimated.
 
-`export.parity.LayeredReference` is the torch reference for checkpoints too large to hold in RAM (> 2 GB of
+`export.layered_reference.LayeredReference` is the torch reference for checkpoints too large to hold in RAM (> 2 GB of
 weights). Its cost is, per decoder layer: read the layer from the safetensors (bf16 -> float32) + one forward of
 every probe (the 4 text probes as one right-padded batch, the image+text probe alone). This script writes ONE
 decoder layer with Qwen2.5-VL-7B's real dimensions (hidden 3584, MLP 18944, 28 heads, 4 KV heads; random bf16
@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -63,7 +62,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from medrwr_edge.export.parity import ImageProbe, LayeredReference
+    from medrwr_edge.export.layered_reference import LayeredReference
+    from medrwr_edge.export.parity import ImageProbe
 
     class ShapesOnly(LayeredReference):
         """The image probe's rows without a vision tower (random rows, 1-D positions): same compute shapes."""

@@ -346,9 +346,8 @@ def test_layered_reference_equals_the_whole_model(ckpt, hf_model):
     logits, text and image+text (positions from HF's get_rope_index, image rows from the torch tower)."""
     from transformers import AutoTokenizer
 
-    from medrwr_edge.export.parity import (
-        IMAGE_PROMPT_HEAD, IMAGE_PROMPT_TAIL, TEXT_PROBES, FullReference, LayeredReference, image_probe,
-    )
+    from medrwr_edge.export.layered_reference import LayeredReference
+    from medrwr_edge.export.parity import IMAGE_PROMPT_HEAD, IMAGE_PROMPT_TAIL, TEXT_PROBES, FullReference, image_probe
 
     tok = AutoTokenizer.from_pretrained(ckpt)
     text_ids = [tok(p)["input_ids"] for p in TEXT_PROBES]

@@ -141,6 +141,14 @@ def test_export_writes_a_verified_bundle_with_parity_results():
     # negative control: 1-D positions for the image tokens must fail the same tolerance by a wide margin
     assert p["negative_control_1d_positions_max_abs_diff"] > 10 * TEXT_ATOL
     assert p["quantised_top_token_agrees"] and p["quantised_image_text_logits_max_abs_diff"] < 0.5
+    # the gates: which reference ran, on how many probes, and the bounds it was held to (relative to logit scale)
+    assert p["method"] == "full" and p["probes"]["text"] == 4 and p["probes"]["image_text"] == 1
+    assert p["bounds"]["text_rel"] == 5e-3 and p["text_logits_max_rel_diff"] <= p["bounds"]["text_rel"]
+    assert p["negative_control_1d_positions_rel_diff"] >= p["bounds"]["negative_control_min_rel"]
+    assert p["quantised_top1_agreement"] == 1.0 and p["bounds"]["quantised_min_top1_agreement"] == 1.0
+    from medrwr_edge.export.bundle import parity_summary
+
+    assert parity_summary(m).startswith("parity (full): text ") and "quantised top-1 agreement 100%" in parity_summary(m)
     assert max(r["max_abs_diff"] for r in p["vision_onnx"]["fp32"]) < VISION_ATOL
     assert p["vision_onnx"]["int8"]["min_token_cosine"] >= 0.99 and p["vision_onnx"]["int8"]["kept"]
 
@@ -267,3 +275,128 @@ def test_second_tiny_checkpoint_is_different(tmp_path):
     b = load_file(str(tiny_checkpoint() / "model.safetensors"))
     key = next(k for k in a if k.endswith("qkv.weight"))
     assert a[key].shape == b[key].shape and not np.allclose(a[key], b[key])
+
+
+# ---------------------------------------------------------------------------------------------- parity gates
+
+
+def _corrupt_gguf_tensor(path: Path, name: str, factor: float) -> None:
+    """Scale one f32 tensor of a GGUF in place: what a converter bug (wrong transpose, scale, permutation) does."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from gguf import GGUFReader; "
+            "t = next(t for t in GGUFReader(sys.argv[2]).tensors if t.name == sys.argv[3]); "
+            "print(t.data_offset, t.n_bytes, t.tensor_type.name)")
+    r = subprocess.run([sys.executable, "-c", code, str(converter_source().gguf_py), str(path), name],
+                       capture_output=True, text=True, check=True)
+    offset, n, kind = r.stdout.split()
+    assert kind == "F32"
+    with open(path, "r+b") as f:
+        f.seek(int(offset))
+        data = np.frombuffer(f.read(int(n)), dtype=np.float32) * factor
+        f.seek(int(offset))
+        f.write(data.astype(np.float32).tobytes())
+
+
+@pytest.mark.slow
+def test_a_corrupted_tensor_fails_parity_in_one_line_and_leaves_nothing(tmp_path, ckpt, monkeypatch):
+    import typer
+
+    from medrwr_edge.errors import MedrwrError
+    from medrwr_edge.export import qwen
+    from medrwr_edge.export.cli import register
+    from medrwr_edge.export.parity import ParityError
+
+    converter_source()
+    real = qwen.convert_gguf
+
+    def convert_then_corrupt(ck, src, out_file, outtype, mmproj=False):
+        real(ck, src, out_file, outtype, mmproj)
+        if not mmproj:
+            _corrupt_gguf_tensor(out_file, "blk.1.ffn_down.weight", 1.5)
+        return out_file
+
+    monkeypatch.setattr(qwen, "convert_gguf", convert_then_corrupt)
+    out = tmp_path / "out" / "bundle"
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ParityError) as e:
+        qwen.export_model(ckpt, out, quant="f32", mmproj=False, image_encoder=False)
+    msg = str(e.value)
+    assert msg.startswith("parity check failed: text logits (GGUF vs torch): ") and "bound <= 0.005" in msg
+    assert float(msg.split(": ")[2].split()[0]) > 5e-3 and "\n" not in msg
+    assert list((tmp_path / "out").iterdir()) == []  # neither the bundle nor a hidden partial directory
+    # through the CLI: the same single line, a non-zero exit code
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        pass
+
+    register(app)
+    with pytest.raises(MedrwrError) as e:
+        app(["export", str(ckpt), str(out), "--quant", "f32", "--no-mmproj", "--no-image-encoder"],
+            standalone_mode=False)
+    assert str(e.value).startswith("parity check failed: text logits") and e.value.exit_code == 1
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_layered_reference_equals_the_whole_model(ckpt, hf_model):
+    """The >2 GB path's reference (one decoder layer at a time from the safetensors) gives the whole model's
+    logits, text and image+text (positions from HF's get_rope_index, image rows from the torch tower)."""
+    from transformers import AutoTokenizer
+
+    from medrwr_edge.export.layered_reference import LayeredReference
+    from medrwr_edge.export.parity import IMAGE_PROMPT_HEAD, IMAGE_PROMPT_TAIL, TEXT_PROBES, FullReference, image_probe
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    text_ids = [tok(p)["input_ids"] for p in TEXT_PROBES]
+    probe = image_probe(tok, ckpt, [tiny_image(300, 220, 1), tiny_image(120, 260, 2)], IMAGE_PROMPT_HEAD,
+                        IMAGE_PROMPT_TAIL)
+    full_texts, full_img = FullReference(hf_model).logits(text_ids, probe)
+    layered = LayeredReference(ckpt)
+    texts, img = layered.logits(text_ids, probe)
+    assert len(texts) == len(full_texts) == 4 and len({len(i) for i in text_ids}) > 1  # padding is exercised
+    for a, b in zip(texts + [img], full_texts + [full_img]):
+        assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
+    assert len(layered.layer_seconds) == 2 and layered.peak_layer_bytes > 0
+
+
+@pytest.mark.slow
+def test_large_checkpoint_path_runs_layered_parity_and_records_it(tmp_path, ckpt, monkeypatch):
+    """A checkpoint over the in-RAM limit (mocked: the limit lowered below the tiny model's size) is still checked,
+    layer by layer, against an f16 intermediate GGUF, and the manifest says how."""
+    from medrwr_edge.export import qwen
+
+    converter_source()
+    monkeypatch.setattr(qwen, "AUTO_PARITY_MAX_BYTES", 1000)
+    out = qwen.export_model(ckpt, tmp_path / "bundle", quant="q8_0", mmproj=False, image_encoder=False)
+    p = json.loads((out / "manifest.json").read_text())["parity"]
+    assert p["method"] == "layer-by-layer" and p["unquantised_gguf"] == "text-f16.gguf"
+    assert len(p["layer_seconds"]) == 2 and p["peak_layer_bytes_f32"] > 0 and p["seconds"]["torch_reference"] > 0
+    assert p["bounds"]["text_rel"] == 2e-2 and p["text_logits_max_rel_diff"] <= 2e-2
+    assert p["negative_control_1d_positions_rel_diff"] >= p["bounds"]["negative_control_min_rel"]
+    assert p["quantised_gguf"] == "text-q8_0.gguf" and p["quantised_top1_agreement"] == 1.0
+
+
+def test_no_parity_is_recorded_and_printed_by_verify(tmp_path, ckpt):
+    from typer.testing import CliRunner
+
+    import typer
+
+    from medrwr_edge.export import qwen
+    from medrwr_edge.export.cli import register
+
+    converter_source()
+    out = qwen.export_model(ckpt, tmp_path / "bundle", quant="f32", mmproj=False, image_encoder=False, parity=False)
+    p = json.loads((out / "manifest.json").read_text())["parity"]
+    assert p["skipped"].startswith("--no-parity") and "text_logits_max_rel_diff" not in p
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        pass
+
+    register(app)
+    r = CliRunner().invoke(app, ["export", "verify", str(out)])
+    assert r.exit_code == 0 and "parity: NOT RUN at export (--no-parity" in r.output

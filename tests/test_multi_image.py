@@ -370,7 +370,7 @@ def test_tiny_qwen25vl_bundle_answers_about_a_prior_and_a_current_study(small_ic
                                    1: "<think> same </think>\n<answer> A </answer>"})
         rec = ask([prior, ct_png], "Is the finding new?", ["A. Yes", "B. No"], packs=[small_icd_pack],
                   image_pack=small_image_pack, backend=forced, max_tokens=8, cdir_threshold=1.0)
-        assert be.images_seen == 2
+        assert be.images_seen == 3  # prior, current, and CDIR's reference image (issue 18)
         assert ("Prior study:\n<|vision_start|><|image_pad|><|vision_end|>\nCurrent study:\n<|vision_start|>"
                 in rec.prompt)
         assert [im["role"] for im in rec.images] == ["prior", "current"]

@@ -53,7 +53,7 @@ def test_weights_and_stages():
     one = R.compute_reward(inputs, stage=1, vocabulary=VOCAB)
     assert (one.format, one.accuracy, one.query_semantic, one.confidence_gain) == (2.0, 1.0, 0.0, 0.0)
     assert one.total == pytest.approx(1 * 2.0 + 5 * 1.0)
-    two = R.compute_reward(inputs, stage=2, vocabulary=VOCAB)
+    two = R.compute_reward(inputs, stage=2, vocabulary=VOCAB, options=PAPER)  # the paper's unscaled term
     assert two.confidence_gain == pytest.approx(math.log(4))
     assert two.total == pytest.approx(2.0 + 5 * 1.0 + 0.4 * two.query_semantic + 5 * math.log(4))
     custom = R.compute_reward(inputs, stage=2, vocabulary=VOCAB,
@@ -96,14 +96,6 @@ def test_reference_bug_retrieved_text_is_read_from_the_completion():
     assert with_docs - R.query_semantic_reward(without_docs, "Pleural effusion", vocabulary=VOCAB) == pytest.approx(1.0)
 
 
-def test_reference_bug_gold_letter_case_in_the_confidence_reward():
-    # The reference compared the lower-cased gold "b" to tokens like "B": the logit reward never matched.
-    logprobs = {"B": math.log(0.5), " B": math.log(0.25), "b": math.log(0.1), "A": math.log(0.15)}
-    assert R.gold_letter_logprob(logprobs, "b") == pytest.approx(math.log(0.75))
-    assert R.gold_letter_logprob(logprobs, "B.") == pytest.approx(math.log(0.75))
-    assert R.gold_letter_logprob({"a": 0.0}, "A") == -math.inf
-
-
 def test_letter_token_ids_are_upper_case_tokens():
     pytest.importorskip("transformers")
     from fixtures_qwen import train_tokenizer
@@ -114,6 +106,26 @@ def test_letter_token_ids_are_upper_case_tokens():
     tok = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer())
     ids = letter_token_ids(tok, "b")
     assert ids and all(tok.decode([i]).strip() == "B" for i in ids)
+
+
+PAPER = R.RewardOptions(confidence_gain_scale=1.0, confidence_gain_clip=None)
+
+
+def test_confidence_gain_scale_guard():
+    inputs = R.RewardInputs(RETRIEVED, "B", LETTERS, gold_text="Pleural effusion", retrieval_used=True,
+                            logp_gold_with=math.log(0.9), logp_gold_without=-20.0)  # a y' that all but excluded B
+    paper = R.compute_reward(inputs, stage=2, vocabulary=VOCAB, options=PAPER)
+    assert paper.confidence_gain == pytest.approx(20 + math.log(0.9))  # x5: ~100 against accuracy's 5
+    reference = R.compute_reward(inputs, stage=2, vocabulary=VOCAB,
+                                 options=R.RewardOptions(confidence_gain_scale=0.1, confidence_gain_clip=None))
+    assert reference.confidence_gain == pytest.approx(0.1 * (20 + math.log(0.9)))
+    default = R.compute_reward(inputs, stage=2, vocabulary=VOCAB)
+    assert default.confidence_gain == 0.5  # clipped to +-0.5: x5 = half of accuracy's weight
+    assert default.total == pytest.approx(paper.total - 5 * paper.confidence_gain + 5 * 0.5)
+    small = R.RewardInputs(RETRIEVED, "B", LETTERS, retrieval_used=True, logp_gold_with=math.log(0.6),
+                           logp_gold_without=math.log(0.5))
+    assert R.compute_reward(small, stage=2, vocabulary=VOCAB).confidence_gain == pytest.approx(math.log(1.2))
+    assert R.confidence_gain_reward(-30.0, -0.1, True, scale=0.1, clip=1.0) == -1.0
 
 
 def test_confidence_gain():

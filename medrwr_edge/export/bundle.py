@@ -90,6 +90,21 @@ def verify_file(directory: str | Path, manifest: dict, name: str, full_hash: boo
     return path
 
 
+def parity_summary(manifest: dict) -> str:
+    """One line for `export verify`: whether the export's parity gates ran, how, and their figures."""
+    p = manifest.get("parity") or {}
+    if "skipped" in p:
+        return f"parity: NOT RUN at export ({p['skipped']})"
+    if "text_logits_max_rel_diff" not in p:
+        return "parity: not recorded in this manifest (exported before the parity gates)"
+    line = (f"parity ({p.get('method', 'full')}): text {p['text_logits_max_rel_diff']:.1e}, image+text "
+            f"{p['image_text_logits_max_rel_diff']:.1e} of the logit scale (bound {p['bounds']['text_rel']:.0e}); "
+            f"negative control {p['negative_control_1d_positions_rel_diff']:.1e}")
+    if "quantised_top1_agreement" in p:
+        line += f"; quantised top-1 agreement {p['quantised_top1_agreement']:.0%}"
+    return line
+
+
 def verify_bundle(directory: str | Path) -> dict:
     """Re-hash every file in full (`medrwr-edge export verify DIR`)."""
     manifest = read_manifest(directory)

@@ -38,8 +38,10 @@ def export_model_cmd(
     mmproj: bool = typer.Option(True, "--mmproj/--no-mmproj", help="also write llama.cpp's mmproj GGUF"),
     image_encoder: bool = typer.Option(True, "--image-encoder/--no-image-encoder",
                                        help="also write the pooled vision tower as an image-pack encoder"),
-    parity: Optional[bool] = typer.Option(None, "--parity/--no-parity",
-                                          help="torch-vs-GGUF parity (default: when the checkpoint is < 2 GB)"),
+    parity: Optional[bool] = typer.Option(
+        None, "--parity/--no-parity",
+        help="parity gates vs torch (default: on; the whole model up to 2 GB of weights, layer by layer above; "
+             "--parity: the whole model always; --no-parity: skipped, and recorded in the manifest)"),
     llama_cpp_src: Optional[Path] = typer.Option(None, "--llama-cpp-src",
                                                  help="llama-cpp-python 0.3.36 sdist (.tar.gz) or unpacked tree"),
     max_pixels: int = typer.Option(262144, "--max-pixels", help="image pixel budget (Med-RwR training: 262144)"),
@@ -62,8 +64,11 @@ def verify_cmd(bundle: Path = typer.Argument(..., help="model bundle directory")
     """Re-hash every file of a model bundle against its manifest."""
     from .bundle import verify_bundle
 
+    from .bundle import parity_summary
+
     manifest = verify_bundle(bundle)
     typer.echo(f"ok: {len(manifest['files'])} files match {bundle / 'manifest.json'}")
+    typer.echo(parity_summary(manifest))
 
 
 @export_app.command("encoder")

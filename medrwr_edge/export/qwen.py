@@ -8,8 +8,10 @@ Steps (each reported through `progress`), all written into a temp directory rena
 3. vision tower + merger -> ONNX (`export.qwen_vision`), checked against the HF torch forward on real images;
    with --vision-int8 a dynamically quantised copy is kept only if its cosine to fp32 is >= 0.99;
 4. the mmproj GGUF (llama.cpp's own vision path, for mtmd / Qwen25VLChatHandler), unless --no-mmproj;
-5. parity of the unquantised GGUF against torch (text logits, and image+text through the ONNX embeds path) when
-   the checkpoint is small enough to run in torch here (always for the tests' tiny models; --parity forces it);
+5. parity gates (`export.parity`): the unquantised GGUF and the ONNX-embeds path against torch on a probe set,
+   the negative control and the quantised top-1 agreement; the whole HF model is the reference up to 2 GB of
+   weights, above that the decoder is run layer by layer (--parity forces the whole model); any check out of
+   bounds fails the export and nothing is written; --no-parity skips them and the manifest says so;
 6. manifest.json: source file hashes, llama.cpp commit, quantisation, sha256 of every output, parity results.
 """
 
@@ -37,7 +39,7 @@ EXPORT_HINT = "install the exporter extras: pip install 'medrwr-edge[export]'"
 VISION_PARITY_ATOL = 1e-4  # on the tests' tiny models; real models are judged relative to their magnitude
 VISION_PARITY_RTOL = 1e-4
 INT8_MIN_COSINE = 0.99
-AUTO_PARITY_MAX_BYTES = 2 << 30  # run torch-vs-GGUF parity automatically below 2 GB of weights
+AUTO_PARITY_MAX_BYTES = 2 << 30  # up to 2 GB of weights the whole torch model is the reference; above, layer by layer
 DRIVER = Path(__file__).with_name("_gguf_convert_driver.py")
 
 Progress = Callable[[str], None]
@@ -116,6 +118,13 @@ def _vision_param_estimate(v: dict) -> int:
     out = int(v.get("out_hidden_size", d))
     merge = d * int(v.get("spatial_merge_size", 2)) ** 2
     return depth * (4 * d * d + 3 * d * inter) + merge * merge + merge * out
+
+
+def parity_method(parity: Optional[bool], weight_bytes: int) -> Optional[str]:
+    """None (--no-parity), "full" (--parity, or a checkpoint small enough to hold in torch) or "layer-by-layer"."""
+    if parity is False:
+        return None
+    return "full" if parity or weight_bytes <= AUTO_PARITY_MAX_BYTES else "layer-by-layer"
 
 
 def check_disk(out: Path, need: int) -> None:
@@ -302,19 +311,25 @@ def export_model(
             (tmp / B.IMAGE_ENCODER_DIR).mkdir()
             export_image_encoder(tower, spec, tmp / B.IMAGE_ENCODER_DIR, name=f"{ck.path.name}-vision-pooled")
             timings["export_image_encoder"] = round(time.perf_counter() - t0, 3)
-        del tower
-        run_parity = parity if parity is not None else ck.weight_bytes <= AUTO_PARITY_MAX_BYTES
+        method = parity_method(parity, ck.weight_bytes)
         parity_results: dict = {"vision_onnx": vision_results}
-        if run_parity:
-            t0 = time.perf_counter()
-            say("parity: GGUF and ONNX-embeds path vs torch")
-            from .parity import bundle_parity
-
-            parity_results.update(bundle_parity(ck.path, base, tmp / B.VISION_ONNX, spec, quantised=(
-                text_file if text_file != base else None)))
-            timings["parity"] = round(time.perf_counter() - t0, 3)
+        if method is None:
+            parity_results["skipped"] = ("--no-parity: the text decoder and the image+text path were NOT checked "
+                                         "against torch")
+            say("parity: SKIPPED (--no-parity); recorded in the manifest")
         else:
-            parity_results["text"] = "skipped: checkpoint too large to run in torch here (give --parity to force)"
+            t0 = time.perf_counter()
+            from .parity import bundle_parity, check_gates
+
+            parity_results.update(bundle_parity(
+                ck.path, base, tmp / B.VISION_ONNX, spec, quantised=text_file if text_file != base else None,
+                quant=quant, base_type=base_type, method=method, tower=tower, progress=say))
+            timings["parity"] = round(time.perf_counter() - t0, 3)
+            check_gates(parity_results)  # raises before the bundle is published: a failed export leaves nothing
+            say(f"parity ({method}) within bounds: text {parity_results['text_logits_max_rel_diff']:.1e}, "
+                f"image+text {parity_results['image_text_logits_max_rel_diff']:.1e} of the logit scale; negative "
+                f"control {parity_results['negative_control_1d_positions_rel_diff']:.1e}")
+        del tower
         if text_file != base:
             base.unlink()  # the unquantised intermediate is not part of the bundle
         timings["total"] = round(time.perf_counter() - t_start, 3)

@@ -624,11 +624,21 @@ class MedRwRLoop:
         n_keep, turn_keep = answer_pass_start
         be.rollback(n_keep)
         turn = turn[:turn_keep]
+        # A vision model is shown the similar case's image with its caption, as the paper's CDIR does; a model
+        # without vision input (or a reference without an image file) reads the caption only, and the record says so.
+        shown = be.info.has_vision and ref.image is not None  # (a vision model consults the current study only)
         if len(consulted) > 1:
             block = P.cdir_block_per_study([(labels[i], r.caption) for i, r in consulted])
+        elif shown:
+            parts = P.cdir_parts(ref.caption, ref.image)
+            block = P.prompt_text(parts)
         else:
             block = P.cdir_block(ref.caption)  # one study: the reference's exact layout
-        inserted = be.append_text(block)
+        if not shown:
+            record.notes.append("CDIR: the reference image was given as its caption only ("
+                                + ("the model has no vision input)" if not be.info.has_vision else
+                                   "the image pack has no image file for it)"))
+        inserted = be.append_parts(parts) if shown else be.append_text(block)
         turn += block
         step = CdirRetrieve(
             threshold=cfg.cdir_threshold,
@@ -641,7 +651,7 @@ class MedRwRLoop:
             reference_score=ref.score,
             reference_image_sha256=ref.image_sha256,
             block=block,
-            model_saw_reference_image=False,  # the reference image is spliced as its caption (text backends)
+            model_saw_reference_image=shown,  # which image: reference_doc_id, reference_image_sha256
             references=[{
                 "index": i,
                 "role": images[i].role,  # the study's date is in record.images[index], not repeated here

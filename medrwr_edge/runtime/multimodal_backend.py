@@ -8,7 +8,8 @@ class keeps, for every entry of the sequence, its temporal position and the posi
 overrides the few places of `LlamaTextBackend` that assumed position == index (decode, rollback, state).
 
 Everything else — sampling, stop strings, append_text for retrieved documents, CDIR rollback — is inherited
-unchanged, which is what lets the Med-RwR loop run on it as on the text backend.
+unchanged, which is what lets the Med-RwR loop run on it as on the text backend. `append_parts` adds what the
+text backend cannot: an image decoded after prefill (CDIR's reference image, spliced into the assistant turn).
 """
 
 from __future__ import annotations
@@ -124,16 +125,52 @@ class QwenVLBackend(LlamaTextBackend):
         self._state_logits = None
 
     def _decode_part(self, part: PromptPart) -> None:
+        self.stats.prompt_tokens += self._decode_image(part)
+
+    def _decode_image(self, part: PromptPart) -> int:
+        """Encode one image part and decode its embeddings after the sequence, at M-RoPE positions that start at
+        the next position (so an image appended mid-turn gets the same layout as one in the prompt)."""
         if not isinstance(part, ImageInput):
             raise InputError(f"unsupported prompt part: {type(part).__name__}")
         embeds, grid = self.encode_image(part.pixels)
         if self.one_d_positions:
             self._decode_embeddings(embeds, self.image_pad_token)
-            self.stats.prompt_tokens += embeds.shape[0]
-            return
+            return int(embeds.shape[0])
         positions, n_pos = mrope_positions(grid, self.spec, self._next_pos())
         self._decode_embeddings_at(embeds, positions, n_pos, self.image_pad_token, logits_last=True)
-        self.stats.prompt_tokens += embeds.shape[0]
+        return int(embeds.shape[0])
+
+    def append_parts(self, parts: Sequence[PromptPart]) -> int:
+        """Text and images decoded after what is in the cache (CDIR's reference image spliced into the turn);
+        returns the sequence entries added, counted as inserted. Text parts are tokenized as `append_text` does
+        (adjacent ones together). On any failure the sequence is rolled back to where it was: never half a
+        splice in the cache."""
+        if not self._tokens:
+            raise RuntimeError("append_parts() before prefill()")
+        n0 = len(self._tokens)
+        try:
+            pending: list[str] = []
+            for part in list(parts) + [None]:
+                if isinstance(part, str):
+                    pending.append(part)
+                    continue
+                if pending:
+                    tokens = self.tokenize("".join(pending))
+                    pending = []
+                    if tokens:
+                        self._check_room(len(tokens), "appended text")
+                        self._decode_tokens(tokens)
+                if part is not None:
+                    self._decode_image(part)  # checks the room for its embeddings first
+        except BaseException:
+            partial = len(self._tokens) - n0
+            self.rollback(n0)
+            self._ctx.remove_from(self._next_pos())  # entries of a batch that failed half-way are not in _tokens
+            self.stats.rolled_back_tokens -= partial  # never counted as inserted either: the accounting stays exact
+            raise
+        added = len(self._tokens) - n0
+        self.stats.inserted_tokens += added
+        return added
 
     def encode_image(self, pixels) -> tuple[np.ndarray, tuple[int, int, int]]:
         """ONNX vision embeddings of one RGB image (n_image_tokens, n_embd) and its patch grid."""

@@ -67,13 +67,14 @@ GUIDED_EXEMPLAR = (
     "<answer> C </answer>"
 )
 
-# CDIR's spliced reasoning step, as the reference inserts it before regenerating.
+# CDIR's spliced reasoning step, as the reference (pt_engine_retrieve_infer_img.py) inserts it before
+# regenerating: think, then the query with NO newline before the retrieve block (unlike a model-written query).
 CDIR_THINK = (
     "<think> I need to find a consultation from a case with similar medical imaging findings to provide relevant "
     "context and reference. I will use the consultation with previously retrieved information to generate the "
     "answer. </think>\n"
 )
-CDIR_QUERY = "<query> consultation from similar medical imaging case </query>\n"
+CDIR_QUERY = "<query> consultation from similar medical imaging case </query>"
 
 # Qwen2.5-VL's image placeholder in ChatML; the multimodal backend replaces the ImageInput part with embeddings.
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -285,9 +286,20 @@ def rag_entries(docs) -> str:
 
 
 def cdir_block(caption: str) -> str:
-    """CDIR's spliced step. The reference puts `<image>` inside the retrieve block for the reference image; a
-    multimodal backend feeds the image there, a text-only one gets the caption only."""
+    """CDIR's spliced step for a model that cannot see the reference image: its caption only,
+    `<retrieve> {caption} </retrieve>\n` (the reference's block without its `<image>`)."""
     return CDIR_THINK + CDIR_QUERY + f"{RETRIEVE_OPEN} {_one_line(caption)} {RETRIEVE_CLOSE}\n"
+
+
+def cdir_parts(caption: str, image: ImageInput) -> list[PromptPart]:
+    """CDIR's spliced step for a vision model: the reference's `<retrieve> <image> {consultation} </retrieve>\n`
+    with the similar case's image where the reference writes `<image>`, as Qwen2.5-VL's image span
+    (`<|vision_start|>` embeddings `<|vision_end|>`), then its caption. Where this differs from the reference: it
+    re-encodes the whole prompt with the similar case's image added to the user turn's image list, and `<image>` in
+    its block stays literal text; here the image span sits at that marker and is decoded after the kept turn in
+    the KV cache, so the model sees the similar case where it is consulted and nothing before is re-encoded."""
+    return [CDIR_THINK + CDIR_QUERY + f"{RETRIEVE_OPEN} {VISION_START}", image,
+            f"{VISION_END} {_one_line(caption)} {RETRIEVE_CLOSE}\n"]
 
 
 def cdir_block_per_study(labelled_captions: Sequence[tuple[str, str]]) -> str:

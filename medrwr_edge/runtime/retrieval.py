@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from ..paths import sha256_file
+from ..imaging import load_image
 from .backend import ImageInput
 from .loop import ReferenceImage
 from .steps import RetrievedDoc
@@ -55,7 +55,8 @@ SAME_IMAGE_SIMILARITY = 0.999
 
 
 class PackImageRetriever:
-    """CDIR: the most similar reference image (dense search in the image encoder's space) and its caption."""
+    """CDIR: the most similar reference image (dense search in the image encoder's space), its caption and its
+    pixels (`ReferenceImage.image`, for a backend that can see them)."""
 
     def __init__(self, pack):
         self.pack = pack
@@ -67,12 +68,18 @@ class PackImageRetriever:
         hit = next((h for h in hits if h.score < SAME_IMAGE_SIMILARITY), None)
         if hit is None:
             return None
-        image_sha = sha256_file(hit.image_path) if hit.image_path else ""
+        image = None
+        if hit.image_path:
+            # The pack's PNG copy (its thumbnail): the pixels a vision model is shown (CDIR as in the paper), read
+            # through the same loader as any input image, so the sha256 is of exactly those bytes.
+            loaded = load_image(hit.image_path)
+            image = ImageInput(loaded.pixels, loaded.sha256, role="reference")
         return ReferenceImage(
             pack=self.pack.name,
             pack_version=self.pack.version,
             doc_id=hit.doc_id,
             caption=hit.caption or hit.text,
             score=round(float(hit.score), 6),
-            image_sha256=image_sha,
+            image_sha256=image.sha256 if image is not None else "",
+            image=image,
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Optional, Sequence
 
+from ..errors import ModelError
 from .backend import (
     BackendInfo,
     BackendStats,
@@ -80,6 +81,15 @@ class ScriptedBackend:
 
     def append_text(self, text: str) -> int:
         toks = scripted_tokenize(text)
+        self.cache += toks
+        self.stats.inserted_tokens += len(toks)
+        return len(toks)
+
+    def append_parts(self, parts: Sequence[PromptPart]) -> int:
+        """Text and images after the cache (CDIR's reference image on a vision model); an image is one entry."""
+        if not self.info.has_vision:
+            raise ModelError("model has no vision input")
+        toks = [t for part in parts for t in (["<image>"] if isinstance(part, ImageInput) else scripted_tokenize(part))]
         self.cache += toks
         self.stats.inserted_tokens += len(toks)
         return len(toks)

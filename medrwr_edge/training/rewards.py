@@ -18,6 +18,8 @@
   0 when the completion has no query.
 * **confidence gain** — log π(gold letter | with retrieval) − log π(gold letter | y′), y′ = the text generated
   before the first query, answered at once without retrieval (`rollout.py` computes both). 0 without retrieval.
+  That is the paper's formula and it is unbounded; by default it is clipped to ±0.5 (`RewardOptions.
+  confidence_gain_clip`; `confidence_gain_scale` 0.1 + no clip = the reference code, 1 + no clip = the paper).
 
 Stage 1 (text MCQ) uses format + accuracy; stage 2 (multimodal MCQ) uses all four.
 
@@ -34,7 +36,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..runtime import protocol as P
 from .entities import MedicalVocabulary, entity_words, extract_entities, words
@@ -66,6 +68,14 @@ class RewardOptions:
     empty_block_penalty: bool = False  # -1 when any tag block is empty
     newline_penalty: bool = False  # -1 for three or more newlines in a row
     query_entity_limit: Optional[int] = None  # -1 when the queries hold more entities than this (reference: 5)
+    # Scale guard on the confidence gain (an unbounded log-ratio: a y' with log p = -20 gives +20, x5 weight = 100
+    # against accuracy's 5). term = clip(scale * (log p_with - log p_without), -clip, +clip).
+    # scale 1, clip None = the paper's formula; scale 0.1, clip None = the reference code (RetrieveLogitORM).
+    # Default scale 1, clip 0.5: the weighted term spans at most +-2.5, half of accuracy's weight, so a confidence
+    # swing alone never outvotes a right answer; on the tiny fixture (benchmarks/bench_reward_scale.py) the clip
+    # never binds and x0.1 would shrink the term 10x to noise next to the other terms. See docs/training.md.
+    confidence_gain_scale: float = 1.0
+    confidence_gain_clip: Optional[float] = 0.5
 
 
 @dataclass
@@ -198,24 +208,15 @@ def query_semantic_reward(
 
 
 def confidence_gain_reward(logp_gold_with: Optional[float], logp_gold_without: Optional[float],
-                           retrieval_used: bool) -> float:
-    """log π(gold | with retrieval) − log π(gold | y′); 0 when nothing was retrieved or a term is missing."""
+                           retrieval_used: bool, *, scale: float = 1.0, clip: Optional[float] = None) -> float:
+    """scale · (log π(gold | with retrieval) − log π(gold | y′)), clipped to ±clip when given; 0 when nothing was
+    retrieved or a term is missing. scale 1 and no clip is the paper's formula (`RewardOptions` has the guard)."""
     if not retrieval_used or logp_gold_with is None or logp_gold_without is None:
         return 0.0
     if not (math.isfinite(logp_gold_with) and math.isfinite(logp_gold_without)):
         return 0.0
-    return float(logp_gold_with - logp_gold_without)
-
-
-def gold_letter_logprob(logprob_by_token: Mapping[str, float], gold_letter: str) -> float:
-    """log p(first answer token is the gold letter) from {token text: logprob} at the position after <answer>.
-
-    Tokens are compared as the model writes them: upper-case letters, with or without a leading space ("A",
-    " A"); their probabilities add up. The gold letter is upper-cased first (the reference lower-cased it and then
-    never found "a" among the tokens). -inf when no token spells the letter."""
-    letter = gold_letter.strip().strip(".").upper()
-    total = sum(math.exp(lp) for tok, lp in logprob_by_token.items() if tok.strip() == letter)
-    return math.log(total) if total > 0 else -math.inf
+    value = scale * float(logp_gold_with - logp_gold_without)
+    return value if clip is None else min(clip, max(-clip, value))
 
 
 # ------------------------------------------------------------------ penalties (reference options)
@@ -258,7 +259,8 @@ def compute_reward(
     if stage == 2:
         sem = query_semantic_reward(inputs.completion, inputs.gold_text, vocabulary=vocabulary, image=inputs.image,
                                     image_text_scorer=image_text_scorer, options=options, notes=notes)
-        conf = confidence_gain_reward(inputs.logp_gold_with, inputs.logp_gold_without, inputs.retrieval_used)
+        conf = confidence_gain_reward(inputs.logp_gold_with, inputs.logp_gold_without, inputs.retrieval_used,
+                                      scale=options.confidence_gain_scale, clip=options.confidence_gain_clip)
     pen = penalties(inputs.completion, options)
     total = (weights.format * fmt + weights.accuracy * acc + weights.query_semantic * sem
              + weights.confidence_gain * conf + pen)

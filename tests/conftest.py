@@ -44,6 +44,19 @@ def _installed(fn_name: str):
         pytest.skip(f"{e} (run `medrwr-edge models install --smoke`)")
 
 
+@pytest.fixture
+def medrwr_home_with_encoders(tmp_path, monkeypatch):
+    """An empty, private data directory that can still open the installed encoders (linked, read-only use): for
+    real-model answers that search a pack (guided decoding always does)."""
+    encoders = [_installed("default_text_encoder_dir"), _installed("default_image_encoder_dir")]
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    for d in encoders:
+        (home / "models" / d.name).symlink_to(d, target_is_directory=True)
+    monkeypatch.setenv("MEDRWR_EDGE_HOME", str(home))
+    return home
+
+
 @pytest.fixture(scope="session")
 def smoke_gguf():
     return _installed("smoke_llm_path")

@@ -142,7 +142,7 @@ def test_real_model_end_to_end_with_kv_continuation(smoke_gguf, small_icd_pack, 
 
 @pytest.mark.real_model
 def test_real_model_is_deterministic_at_temperature_zero(smoke_gguf, small_icd_pack, small_image_pack, ct_png,
-                                                         medrwr_home):
+                                                         medrwr_home_with_encoders):
     def once():
         rec = ask(ct_png, "Which diagnosis fits the image?", OPTIONS, packs=[small_icd_pack],
                   image_pack=small_image_pack, model=smoke_gguf, max_tokens=64, n_ctx=4096)
@@ -165,7 +165,7 @@ def test_real_model_is_deterministic_at_temperature_zero(smoke_gguf, small_icd_p
 
 
 @pytest.mark.real_model
-def test_cli_ask_json_and_stream(smoke_gguf, small_icd_pack, small_image_pack, ct_png, medrwr_home):
+def test_cli_ask_json_and_stream(smoke_gguf, small_icd_pack, small_image_pack, ct_png, medrwr_home_with_encoders):
     from typer.testing import CliRunner
 
     from medrwr_edge.cli import app

@@ -295,3 +295,23 @@ def test_serve_answers_guided(evidence_packs, fake_encoders, medrwr_home):
     rec = res.json()["record"] if "record" in res.json() else res.json()
     assert rec["protocol"] == "guided" and rec["letter"] == "B"
     assert [s["issued_by"] for s in rec["steps"] if s["type"] == "query"] == ["model"]
+
+
+def test_guided_cdir_keeps_the_first_answer_when_the_regeneration_is_less_sure():
+    class TwoReads(ScriptedBackend):
+        """The letters' distribution changes after the CDIR splice: first B (0.5), then C (0.3)."""
+
+        def next_token_probs(self, token_ids):
+            self.next_probs = {" A": 0.1, " B": 0.5, " C": 0.2, " D": 0.1} if "CDIR" not in self.cache_text() and \
+                "consultation" not in self.cache_text() else {" A": 0.1, " B": 0.2, " C": 0.3, " D": 0.1}
+            return super().next_token_probs(token_ids)
+
+    be = TwoReads([" pneumothorax </query>"], next_probs={})
+    be.info.declares_protocol = False
+    rec = EvidenceRecord(question=QUESTION, options=[], images=[], model={}, packs=[], settings={})
+    MedRwRLoop(be, FakeTexts(), FakeImages(), LoopConfig(protocol="guided")).run(
+        rec, QUESTION, OPTIONS, [ImageInput(pixels=None, sha256="cd" * 32)])
+    cdir = rec.cdir()
+    assert (cdir.answer_before, cdir.answer_after, cdir.changed, cdir.kept_first) == ("B", "C", True, True)
+    assert rec.letter == "B" and rec.confidence == pytest.approx(0.5)
+    assert any("less confident than the first" in n for n in rec.notes)

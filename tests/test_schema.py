@@ -43,7 +43,7 @@ ADDED_WITHIN_VERSION_1 = {
     "": {"answer_kind", "differential", "protocol"},
     "query": {"issued_by"},
     "answer": {"answer_kind", "differential"},
-    "cdir": {"references"},
+    "cdir": {"references", "kept_first"},
 }
 
 

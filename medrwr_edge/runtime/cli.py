@@ -184,6 +184,9 @@ class StreamView:
         if cdir is not None:
             if cdir.answer_after is None:
                 c.print(f"CDIR: the regeneration gave no answer; the first answer ({cdir.answer_before}) stands")
+            elif cdir.kept_first:
+                c.print(f"CDIR: the regeneration ({cdir.answer_after}, {cdir.confidence_after:.2f}) was less confident "
+                        f"than the first answer ({cdir.answer_before}), which stands")
             else:
                 changed = "changed the answer" if cdir.changed else "did not change the answer"
                 c.print(f"CDIR: {changed} ({cdir.answer_before} → {cdir.answer_after})")

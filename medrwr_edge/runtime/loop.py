@@ -92,7 +92,8 @@ _PASS_STOPS = [P.QUERY_CLOSE, P.ANSWER_CLOSE]
 _ECHO_STARTS = ("If you need more information", "If you can directly reach a conclusion")
 _THINK_STOPS = [P.THINK_CLOSE, P.QUERY_OPEN, P.QUERY_CLOSE, P.ANSWER_OPEN, P.ANSWER_CLOSE, P.RETRIEVE_OPEN,
                 P.THINK_OPEN, *_ECHO_STARTS]
-_QUERY_STOPS = [P.QUERY_CLOSE, "\n", "<"]
+_QUERY_STOPS = [P.QUERY_CLOSE, "\n", P.THINK_OPEN, P.THINK_CLOSE, P.QUERY_OPEN, P.RETRIEVE_OPEN, P.ANSWER_OPEN,
+                P.ANSWER_CLOSE]
 MAX_RUNTIME_QUERY_WORDS = 64
 
 
@@ -196,7 +197,7 @@ class MedRwRLoop:
 
         final = next((s for s in reversed(record.steps) if isinstance(s, Answer)), None)
         cdir = record.cdir()
-        if cdir is not None and cdir.answer_after is None:
+        if cdir is not None and (cdir.answer_after is None or cdir.kept_first):
             final = answer  # the regeneration gave no answer: keep the first one (noted in _cdir)
         record.assistant_text = turn
         if final is not None and final.text is not None:
@@ -310,7 +311,9 @@ class MedRwRLoop:
         self._guided_think(t, stats, 0, emit)
         self._write(t, stats, P.QUERY_OPEN, emit)
         n_query = be.n_tokens()
-        gen = self._generate_into(t, stats, _QUERY_STOPS, cfg.guided_query_tokens, emit, keep_in_turn=False)
+        # Not streamed: what the turn holds (and the UI shows) is the query as served, written below.
+        gen = self._generate_into(t, stats, _QUERY_STOPS, cfg.guided_query_tokens, lambda kind, payload: None,
+                                  keep_in_turn=False)
         raw = (gen.text[: -len(P.QUERY_CLOSE)] if gen.stop_string == P.QUERY_CLOSE else gen.text).strip()
         model_query = P.extract_query(P.QUERY_OPEN + raw + P.QUERY_CLOSE) or ""
         t0 = time.perf_counter()
@@ -691,6 +694,14 @@ class MedRwRLoop:
                 record.steps.append(second)
                 step.answer_after, step.confidence_after = second.text, second.confidence
                 step.changed = (second.letter or second.text) != (first.letter or first.text)
+                if cfg.protocol != "native" and step.changed and first.confidence is not None \
+                        and (second.confidence or 0.0) < first.confidence:
+                    # Ours (guided only): CDIR is there to raise a low confidence; a regeneration the model is
+                    # less sure of than its first answer does not replace it.
+                    step.kept_first = True
+                    record.notes.append(f"guided CDIR: the regenerated answer ({second.text}, {second.confidence:.2f}) "
+                                        f"was less confident than the first ({first.text}, "
+                                        f"{first.confidence:.2f}); the first stands")
             else:
                 record.notes.append("CDIR regeneration gave no answer; the first answer stands")
         step.seconds = round(time.perf_counter() - t0, 4)

@@ -97,6 +97,8 @@ class CdirRetrieve:
     # [{"index" (into record.images), "role", "reference_pack", "reference_doc_id", "reference_caption",
     #   "reference_score", "reference_image_sha256"}]
     references: list[dict] = field(default_factory=list)
+    # guided only: the regenerated answer was less confident than the first, which stands (record.answer)
+    kept_first: bool = False
 
 
 Step = Union[Think, Query, Retrieve, Answer, CdirRetrieve]

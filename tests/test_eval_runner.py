@@ -317,7 +317,7 @@ def test_real_model_on_the_builtin_benchmark_via_the_cli(smoke_gguf, small_icd_p
     out = tmp_path / "real"
     args = ["eval", "builtin:icd10", "--limit", "2", "--modes", "plain,retrieval", "--model", str(smoke_gguf),
             "--pack", str(small_icd_pack), "--max-tokens", "24", "--ctx", "2048", "--out", str(out), "--json",
-            "--no-progress"]
+            "--no-progress", "--protocol", "native"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
@@ -328,6 +328,30 @@ def test_real_model_on_the_builtin_benchmark_via_the_cli(smoke_gguf, small_icd_p
     res = CliRunner().invoke(app, args)  # resume: nothing left to do, same numbers
     assert res.exit_code == 0 and len(read_records(out / "records.jsonl")) == 4
     assert json.loads(res.stdout)["modes"]["plain"]["correct"] == summary["modes"]["plain"]["correct"]
+
+
+@pytest.mark.real_model
+def test_real_model_guided_eval_searches_every_question_and_answers_letters(smoke_gguf, small_icd_pack, tmp_path,
+                                                                           medrwr_home_with_encoders):
+    import typer
+    from typer.testing import CliRunner
+
+    from medrwr_edge.eval.cli import register
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    res = CliRunner().invoke(app, ["eval", "builtin:icd10", "--limit", "3", "--modes", "plain,rag,retrieval",
+                                   "--model", str(smoke_gguf), "--pack", str(small_icd_pack), "--ctx", "2048",
+                                   "--out", str(tmp_path / "g"), "--json", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    modes = json.loads(res.stdout)["modes"]
+    for mode in ("plain", "rag", "retrieval"):
+        assert modes[mode]["answered"] == 3 and modes[mode]["letters_from_option_text"] == 0
+    assert modes["retrieval"]["retrieval_rate"] == 1.0 and modes["rag"]["retrieval_rate"] == 1.0
+    assert modes["plain"]["retrieval_rate"] == 0.0
+    records = read_records(tmp_path / "g" / "records.jsonl")
+    assert {r["evidence"]["protocol"] for r in records} == {"guided", "rag"}
 
 
 def test_summary_table_prints_every_mode(packs, items, tmp_path, medrwr_home, capsys):

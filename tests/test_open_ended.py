@@ -159,8 +159,9 @@ def _real(smoke_gguf, forced, made):
     from medrwr_edge.runtime.llama_backend import LlamaTextBackend
 
     def load(model, settings):
-        be = ForcedSpan(LlamaTextBackend(str(smoke_gguf), n_ctx=4096, sha256=sha256_file(smoke_gguf), n_threads=1),
-                        forced)
+        inner = LlamaTextBackend(str(smoke_gguf), n_ctx=4096, sha256=sha256_file(smoke_gguf), n_threads=1)
+        inner.info.declares_protocol = True  # forced into the protocol's text: `auto` runs it native
+        be = ForcedSpan(inner, forced)
         made.append(be)
         return be
 

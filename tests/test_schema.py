@@ -165,7 +165,7 @@ def test_cli_ask_json_validates(evidence_packs, fake_encoders, input_png, medrwr
 
 
 @pytest.mark.real_model
-def test_real_model_ask_json_validates(smoke_gguf, small_icd_pack, small_image_pack, ct_png, medrwr_home):
+def test_real_model_ask_json_validates(smoke_gguf, small_icd_pack, small_image_pack, ct_png, medrwr_home_with_encoders):
     from typer.testing import CliRunner
 
     from medrwr_edge.cli import app

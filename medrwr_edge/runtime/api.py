@@ -49,6 +49,10 @@ class AskSettings:
     # figures of one question (MMMU's <image 1>, <image 2>): labelled "Image 1:", ..., no order or modality rules.
     images_are_studies: bool = True
     frame: Optional[int] = None  # multi-frame DICOM: which frame (slice) of the current image; None: the middle
+    # Speculative decoding (runtime/speculative.py): off, lookup (drafts copied from the sequence), draft (a small
+    # model of the same tokenizer, `draft_model` or the installed Qwen2.5-Coder-0.5B), auto (what measured fastest).
+    speculative: str = "auto"
+    draft_model: Optional[str] = None
 
     def loop_config(self) -> LoopConfig:
         return LoopConfig(
@@ -355,6 +359,7 @@ def load_backend(model: Optional[PathLike], settings: AskSettings):
         path = ggufs[0]
     assets.check_gguf(path)
     from .llama_backend import LlamaTextBackend
+    from .speculative import speculative_args
 
     return LlamaTextBackend(
         path,
@@ -364,6 +369,7 @@ def load_backend(model: Optional[PathLike], settings: AskSettings):
         n_threads=settings.n_threads,
         sha256=cached_sha256(path),
         prefix_cache_dir=str(data_dir() / "prefix-cache") if settings.prefix_cache else None,
+        **speculative_args(settings.speculative, settings.draft_model),
     )
 
 
@@ -378,4 +384,5 @@ def _model_record(backend) -> dict:
         "device": info.device,
         "gpu_layers": info.gpu_layers,
         "n_ctx": info.n_ctx,
+        **({"speculative": backend.speculative_record()} if hasattr(backend, "speculative_record") else {}),
     }

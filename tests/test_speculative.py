@@ -197,7 +197,7 @@ def test_lookup_drafts_are_accepted_when_the_answer_copies_the_context(backends)
     _turn(b, PROMPTS[1], SamplingSettings(temperature=0.0, max_tokens=48))
     assert b.stats.drafted_tokens > 0 and b.stats.accepted_tokens > 0
     rec = b.speculative_record()
-    assert rec["mode"] == "lookup" and rec["source"] == "prompt lookup"
+    assert rec["mode"] == "lookup" and rec["requested"] == "lookup" and "draft_model" not in rec
     assert rec["acceptance_rate"] == round(b.stats.accepted_tokens / b.stats.drafted_tokens, 4)
 
 

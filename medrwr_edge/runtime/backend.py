@@ -74,6 +74,7 @@ class BackendStats:
     # generated_tokens too; the rejected ones were removed from the KV cache and are counted nowhere else).
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    verify_batches: int = 0  # batches of a kept token + its drafts
     prefill_seconds: float = 0.0
     generate_seconds: float = 0.0
 

@@ -555,7 +555,7 @@ class LlamaTextBackend:
         if k <= 0:
             return []
         seq = self._tokens + [token]
-        if self._draft_model is not None:
+        if self.speculative == "draft" and self._draft_model is not None:
             return self._draft_model.draft(seq, k)
         return lookup_draft(seq, k)
 
@@ -566,6 +566,7 @@ class LlamaTextBackend:
         self._tokens.extend(batch)
         self.stats.generated_tokens += 1
         self.stats.drafted_tokens += len(drafts)
+        self.stats.verify_batches += 1
         self.stats.decode_calls += 1
         self._logits_valid = True  # the context's last output row is the last draft's
         self._state_logits = None
@@ -583,15 +584,15 @@ class LlamaTextBackend:
     def speculative_record(self) -> dict:
         """What speculation did since reset(), for the evidence record."""
         st = self.stats
-        rec = {"mode": self.speculative if self._speculation_on() else "off"}
+        rec = {"mode": self.speculative if self._speculation_on() else "off", "requested": self.speculative_requested}
         if rec["mode"] != "off":
             rec.update(
-                source="draft model" if self._draft_model is not None else "prompt lookup",
                 drafted=st.drafted_tokens,
                 accepted=st.accepted_tokens,
                 acceptance_rate=round(st.accepted_tokens / st.drafted_tokens, 4) if st.drafted_tokens else None,
+                mean_accepted=round(st.accepted_tokens / st.verify_batches, 3) if st.verify_batches else None,
             )
-            if self._draft_model is not None:
+            if rec["mode"] == "draft":
                 rec["draft_model"] = Path(self._draft_model.path).name
         return rec
 

@@ -35,7 +35,7 @@ from medrwr_edge.runtime.backend import (
     SamplingSettings,
 )
 from medrwr_edge.runtime.speculative import MODES as SPECULATIVE_MODES
-from medrwr_edge.runtime.speculative import DraftModel, accept_draft, lookup_draft
+from medrwr_edge.runtime.speculative import DraftLength, DraftModel, lookup_draft
 
 
 class ContextFullError(InputError):
@@ -126,6 +126,7 @@ class LlamaTextBackend:
         speculative: str = "off",
         draft_model: Optional[str | os.PathLike] = None,
         n_draft: int = 8,
+        adaptive_draft: bool = True,
     ):
         if speculative not in SPECULATIVE_MODES:
             raise InputError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, not {speculative!r}")
@@ -157,6 +158,8 @@ class LlamaTextBackend:
         self.speculative_requested = speculative
         self.speculative = "lookup" if speculative == "auto" else speculative
         self.n_draft = n_draft
+        # How many tokens to draft: measured per mode (adaptive), or always n_draft.
+        self._draft_len = {m: DraftLength(n_draft, adaptive=adaptive_draft) for m in ("lookup", "draft")}
         self._draft_model: Optional[DraftModel] = None
         if self.speculative == "draft":
             try:
@@ -383,9 +386,9 @@ class LlamaTextBackend:
         inside a multi-byte character, `text` omits the incomplete character; the cache has its bytes.
 
         With speculative decoding on, each kept token is decoded together with draft tokens that may follow it
-        (one batch, logits for every position); drafts are kept while the model agrees with them (greedy: they
-        are its argmax; sampling: `speculative.accept_draft`), the first disagreement is replaced by the model's
-        own token, and the rejected drafts are removed from the KV cache. Every kept token goes through the same
+        (one batch, logits for every position); drafts are kept while the model's own pick at that position equals
+        them (see `_sample`), the first disagreement is replaced by that pick, and the rejected drafts are removed
+        from the KV cache. Every kept token goes through the same
         stop-string, end-of-turn and length checks as in plain decoding."""
         if not self._tokens:
             raise RuntimeError("generate() before prefill()")
@@ -413,17 +416,25 @@ class LlamaTextBackend:
                 stop_reason = self._end_pass(run, outcome, in_cache=False)
                 break
             room = min(settings.max_tokens - len(run.kept), n_ctx - len(self._tokens) - 1, self._ctx.n_batch - 1)
-            drafts = self._draft(token, room) if speculate else []
+            policy = self._draft_len.get(self.speculative) if speculate else None
+            k = policy.choose(room) if policy is not None else 0
+            t_draft = time.perf_counter()
+            drafts = self._draft(token, k) if k else []
+            t_verify = time.perf_counter()
             if not drafts:
                 self._decode_sampled(token)
+                if policy is not None:
+                    policy.single(time.perf_counter() - t_verify)
                 continue
             rows = self._verify(token, drafts)
+            verify_seconds = time.perf_counter() - t_verify
             first = len(self._tokens) - len(drafts)  # index of drafts[0] in the sequence
+            accepted_before = self.stats.accepted_tokens
             for i, d in enumerate(drafts):
                 if len(run.kept) >= settings.max_tokens:
                     self._drop_drafts(first + i, rows[i])
                     break
-                token, prob = self._sample(rows[i], settings, draft=d)
+                token, prob = self._sample(rows[i], settings)
                 if token != d:
                     self._drop_drafts(first + i, rows[i])
                     pending = (token, prob)
@@ -438,6 +449,8 @@ class LlamaTextBackend:
                 self._drop_drafts(first + i + 1 if exact else first + i, rows[i + 1] if exact else rows[i])
                 stop_reason = self._end_pass(run, outcome, in_cache=exact)
                 break
+            draft_seconds = self._draft_model.last_seconds if self.speculative == "draft" else t_verify - t_draft
+            policy.batch(len(drafts), self.stats.accepted_tokens - accepted_before, verify_seconds, draft_seconds)
             if stop_reason != "length":
                 break
         run.flush()
@@ -489,12 +502,14 @@ class LlamaTextBackend:
             self._decode_tokens(tail)
             self.stats.inserted_tokens += len(tail)
 
-    def _sample(self, logits: np.ndarray, settings: SamplingSettings, draft: Optional[int] = None) -> tuple[int, float]:
+    def _sample(self, logits: np.ndarray, settings: SamplingSettings) -> tuple[int, float]:
         """Pick the next token; return it with its softmax probability at temperature 1 on the raw logits.
 
-        With `draft` (a speculative guess for this position) the pick is the same at temperature 0 (the argmax:
-        the caller keeps the draft only if they agree), and at temperature > 0 it is `accept_draft`'s: the draft
-        or a replacement, distributed exactly as a plain sample."""
+        A draft token is checked by sampling as usual and keeping the draft only if the sample equals it. With a
+        deterministic draft d this IS the speculative-sampling rule (keep d with probability p(d), else a token
+        from p without d, normalised: Leviathan et al. 2023 with a one-hot draft distribution), and it draws one
+        random number per position exactly as plain sampling does: with the same seed and logits the output is
+        plain sampling's, whatever was drafted, and a replay does not depend on how many tokens were drafted."""
         best = int(logits.argmax())
         m = float(logits[best])
         buf = self._exp_buf  # preallocated: no per-token allocation of a vocab-sized array
@@ -504,13 +519,9 @@ class LlamaTextBackend:
         if settings.temperature == 0:
             return best, 1.0 / total  # exp(max - max) / total
         cand, p = self._target_distribution(logits, m, settings)
-        rng = self._random_stream(settings)
-        if draft is not None:
-            token = accept_draft(cand, p, draft, rng)
-        else:
-            cdf = np.cumsum(p)
-            j = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
-            token = int(j if cand is None else cand[j])
+        cdf = np.cumsum(p)
+        j = min(int(np.searchsorted(cdf, self._random_stream(settings).random() * cdf[-1], side="right")), len(cdf) - 1)
+        token = int(j if cand is None else cand[j])
         return token, float(np.exp(float(logits[token]) - m)) / total
 
     def _random_stream(self, settings: SamplingSettings) -> np.random.Generator:
@@ -549,11 +560,8 @@ class LlamaTextBackend:
         # Vision bundles place tokens at M-RoPE positions this verification batch does not compute.
         return self.speculative != "off" and not self.info.has_vision
 
-    def _draft(self, token: int, room: int) -> list[int]:
-        """Guesses for the tokens after the sequence + `token` (sampled, about to be decoded)."""
-        k = min(room, self.n_draft)
-        if k <= 0:
-            return []
+    def _draft(self, token: int, k: int) -> list[int]:
+        """Up to k guesses for the tokens after the sequence + `token` (sampled, about to be decoded)."""
         seq = self._tokens + [token]
         if self.speculative == "draft" and self._draft_model is not None:
             return self._draft_model.draft(seq, k)

@@ -9,14 +9,16 @@ batch, every accepted guess is a token for (nearly) free. Guesses come from
   sequence and propose what followed them there;
 * a draft model: a small GGUF with the same vocabulary (Qwen2.5-Coder-0.5B for the 1.5B) decoding greedily.
 
-The target model then verifies (see `LlamaTextBackend.generate`): at temperature 0 a draft token is kept when it
-is the target's argmax, so the output is the plain greedy output; at temperature > 0 `accept_draft` keeps or
-replaces it so that each token is distributed exactly as plain sampling would draw it.
+The target model then verifies all drafts in one batch (see `LlamaTextBackend.generate`): a draft token is kept
+when the target's own pick at that position (argmax, or a sample with the position's random number) equals it —
+for deterministic drafts this is the speculative-sampling acceptance rule, and the output is plain decoding's.
+`DraftLength` decides from measured costs and acceptance how many tokens to draft, or none.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -49,40 +51,58 @@ def lookup_draft(seq: Sequence[int], k: int, ngram_max: int = 4, ngram_min: int 
     return []
 
 
-def accept_draft(
-    cand: Optional[np.ndarray],
-    p: np.ndarray,
-    draft: int,
-    rng: np.random.Generator,
-    q: Optional[np.ndarray] = None,
-) -> int:
-    """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): the token to keep at this position.
+class DraftLength:
+    """How many draft tokens pay off, from what this machine measured (running estimates, updated every batch).
 
-    `p` is the target's sampling distribution over `cand` (token ids; None = every id, p indexed by id), `q` the
-    draft's distribution over the same ids (None: the draft was chosen deterministically, q is one-hot on it).
-    Keep `draft` with probability min(1, p/q); otherwise sample from norm(max(0, p - q)). The kept token is then
-    distributed exactly as p, whatever the draft."""
-    if cand is None:
-        j = draft if 0 <= draft < p.shape[0] else -1
-    else:
-        where = np.flatnonzero(cand == draft)
-        j = int(where[0]) if where.size else -1
-    p_d = float(p[j]) if j >= 0 else 0.0
-    q_d = 1.0 if q is None else (float(q[j]) if j >= 0 else 0.0)
-    if q_d > 0 and rng.random() * q_d < p_d:
-        return draft
-    if q is None:
-        residual = np.array(p, dtype=np.float64)
-        if j >= 0:
-            residual[j] = 0.0
-    else:
-        residual = np.maximum(np.asarray(p, dtype=np.float64) - q, 0.0)
-    total = residual.sum()
-    if total <= 0:  # p == q (or p one-hot on the draft): nothing to correct, the rejection had probability 0
-        residual, total = np.asarray(p, dtype=np.float64), float(np.sum(p))
-    cdf = np.cumsum(residual)
-    i = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
-    return int(i if cand is None else cand[i])
+    A verification batch of 1 + k tokens costs t1 * (1 + k * r): on an idle many-core machine decoding is
+    bandwidth-bound and r is small, but on 2 busy cores a batch is compute-bound and r approaches 1. Drafting
+    costs d per draft token (0 for prompt lookup, the draft model's decode for a draft model). With each draft
+    token accepted with probability a (geometric), a batch yields 1 + a(1 - a^k)/(1 - a) tokens. k is chosen to
+    maximise tokens per unit of time; 0 (plain decoding) when no k beats it — then every 16th chance drafts
+    one token anyway, so a change of load or of text is noticed."""
+
+    PROBE_EVERY = 16
+    DECAY = 0.9  # the estimates follow the last ~10 batches
+
+    def __init__(self, n_max: int, prior_cost: float = 0.25, adaptive: bool = True):
+        self.n_max = n_max
+        self.adaptive = adaptive  # False: always n_max (tests, benchmarks of a fixed length)
+        self.ok, self.bad = 2.0, 1.0  # pseudo-counts of accepted / rejected draft tokens (prior a = 2/3)
+        self.t1: Optional[float] = None  # seconds of a one-token decode
+        self.r = prior_cost  # extra cost of each verified draft token, in units of t1
+        self.d = 0.0  # cost of producing one draft token, in units of t1
+        self._skipped = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.ok / (self.ok + self.bad)
+
+    def choose(self, room: int) -> int:
+        if not self.adaptive:
+            return max(0, min(self.n_max, room))
+        a, best_k, best = min(self.acceptance, 0.999), 0, 1.02  # a batch must beat plain decoding by 2%
+        for k in range(1, min(self.n_max, room) + 1):
+            gain = (1 + a * (1 - a**k) / (1 - a)) / (1 + k * (self.r + self.d))
+            if gain > best:
+                best_k, best = k, gain
+        if best_k == 0 and room > 0:
+            self._skipped += 1
+            if self._skipped >= self.PROBE_EVERY:
+                self._skipped = 0
+                return 1
+        return best_k
+
+    def single(self, seconds: float) -> None:
+        self.t1 = seconds if self.t1 is None else self.DECAY * self.t1 + (1 - self.DECAY) * seconds
+
+    def batch(self, n_drafts: int, accepted: int, verify_seconds: float, draft_seconds: float) -> None:
+        self.ok = self.DECAY * self.ok + accepted
+        self.bad = self.DECAY * self.bad + (accepted < n_drafts)
+        if self.t1 and n_drafts:
+            r = max(0.0, verify_seconds / self.t1 - 1) / n_drafts
+            d = draft_seconds / self.t1 / n_drafts
+            self.r = self.DECAY * self.r + (1 - self.DECAY) * r
+            self.d = self.DECAY * self.d + (1 - self.DECAY) * d
 
 
 class DraftModel:
@@ -112,12 +132,14 @@ class DraftModel:
         self.tokens: list[int] = []  # exactly what the draft's KV cache holds
         self._logits_valid = False  # do the draft context's last logits belong to self.tokens[-1]?
         self._buf = np.empty(self.model.facts.n_vocab, dtype=np.float32)
+        self.last_seconds = 0.0
 
     def draft(self, seq: Sequence[int], k: int) -> list[int]:
         """Up to k greedy draft tokens following `seq`."""
         if k <= 0 or not seq:
             return []
         self._follow(seq)
+        t0 = time.perf_counter()
         out: list[int] = []
         buf = self._buf
         while True:
@@ -132,6 +154,7 @@ class DraftModel:
                 break
             self.ctx.decode_one(tok, len(self.tokens))
             self.tokens.append(tok)
+        self.last_seconds = time.perf_counter() - t0  # drafting only: catching up on new context is not per draft
         return out
 
     def _follow(self, seq: Sequence[int]) -> None:

@@ -50,7 +50,8 @@ class AskSettings:
     images_are_studies: bool = True
     frame: Optional[int] = None  # multi-frame DICOM: which frame (slice) of the current image; None: the middle
     # Speculative decoding (runtime/speculative.py): off, lookup (drafts copied from the sequence), draft (a small
-    # model of the same tokenizer, `draft_model` or the installed Qwen2.5-Coder-0.5B), auto (what measured fastest).
+    # model of the same tokenizer, `draft_model` or the installed Qwen2.5-Coder-0.5B), auto (lookup on a GPU, off on
+    # CPU, where speculation measured slower). Greedy output is plain decoding's (README: speculative decoding).
     speculative: str = "auto"
     draft_model: Optional[str] = None
 

@@ -39,7 +39,7 @@ def ask_command(
     gpu_layers: int = typer.Option(0, "--gpu-layers", help="layers to offload to a GPU build of llama.cpp (-1: all)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (default: physical cores)"),
     speculative: str = typer.Option("auto", "--speculative", help="speculative decoding: off, lookup (copy drafts "
-                                    "from the context), draft (the 0.5B draft model), auto (the fastest measured)"),
+                                    "from the context), draft (the 0.5B draft model), auto (lookup on a GPU, off on CPU)"),
     frame: Optional[int] = typer.Option(None, "--frame", help="multi-frame DICOM: the frame (slice) of IMAGE to "
                                         "use, from 0 (default: the middle one)"),
     as_json: bool = typer.Option(False, "--json", help="print the evidence record as JSON"),

@@ -153,10 +153,13 @@ class LlamaTextBackend:
         except ModelError:
             self._model.close()
             raise
-        # auto: prompt lookup, which measured faster than plain decoding and than the 0.5B draft model on CPU
-        # (benchmarks/bench_speculative.py); a draft model only where one is asked for by name.
+        # auto: prompt lookup where the model runs on a GPU, where a batch of a few tokens costs about one; plain
+        # decoding on CPU, where on 2 shared cores a verification batch is compute-bound and both lookup and the
+        # 0.5B draft model measured slower than plain decoding (benchmarks/bench_speculative.py, README).
         self.speculative_requested = speculative
-        self.speculative = "lookup" if speculative == "auto" else speculative
+        if speculative == "auto":
+            speculative = "lookup" if device != "cpu" else "off"
+        self.speculative = speculative
         self.n_draft = n_draft
         # How many tokens to draft: measured per mode (adaptive), or always n_draft.
         self._draft_len = {m: DraftLength(n_draft, adaptive=adaptive_draft) for m in ("lookup", "draft")}

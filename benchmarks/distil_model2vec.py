@@ -10,6 +10,7 @@ run-time (`StaticModel.encode`) is timed against ours on the same texts.
 
     pip install "model2vec[distill]==0.9.0"     # 0.10 needs huggingface-hub >= 1.0, transformers 4.57 < 1.0
     python benchmarks/distil_model2vec.py OUT [--pca 256|384|none]
+    python benchmarks/distil_model2vec.py OUT --runtime-only     # time StaticModel.encode vs ours on OUT
 """
 
 from __future__ import annotations
@@ -67,12 +68,44 @@ def onnx_as_torch_model(source_dir: Path, id_map: np.ndarray):
     return OnnxEncoder(), spec
 
 
+def compare_runtimes(out: Path, rounds: int = 3) -> int:
+    """Texts/s of model2vec's StaticModel.encode vs our StaticTextEncoder.embed, same table, same texts,
+    alternating; and the largest difference between their normalised embeddings."""
+    from model2vec import StaticModel
+
+    from medrwr_edge.bench_data import icd10_retrieval as bench
+    from medrwr_edge.kb_pack.encoders import load_encoder
+    from medrwr_edge.kb_pack.icd10 import default_pack_documents
+
+    texts = [d.embed_text or d.text for d in default_pack_documents()
+             if d.metadata["chapter"] in bench.QUICK_CORPUS_CHAPTERS]
+    theirs, ours = StaticModel.from_pretrained(str(out / "model2vec")), load_encoder(out)
+    times = {"model2vec": [], "ours": []}
+    for _ in range(rounds):
+        for name, fn in (("model2vec", lambda: theirs.encode(texts)), ("ours", lambda: ours.embed(texts))):
+            c0 = time.process_time()
+            emb = fn()
+            times[name].append(time.process_time() - c0)
+            if name == "model2vec":
+                a = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
+            else:
+                diff = float(np.abs(a - emb).max())
+    for name, t in times.items():
+        print(f"{name:9} {len(texts) / min(t):8.0f} texts per CPU-second (best of {rounds}, {len(texts)} texts)")
+    print(f"max |difference| between the two normalised embeddings: {diff:.2e}; load "
+          f"{open('/proc/loadavg').read().split()[:3]}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--minilm", type=Path, default=None)
     ap.add_argument("--pca", default="256", help="model2vec pca_dims: a number, or 'none'")
+    ap.add_argument("--runtime-only", action="store_true", help="only time the two run-times on an existing OUT")
     args = ap.parse_args()
+    if args.runtime_only:
+        return compare_runtimes(args.out)
     from model2vec.distill import distill_from_model
     from transformers import PreTrainedTokenizerFast
 

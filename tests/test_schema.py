@@ -38,7 +38,7 @@ def test_schemas_are_valid_draft_2020_12_and_ship_with_the_package():
 # Fields added after the first release of schema version 1: documented, but optional (older records lack them).
 ADDED_WITHIN_VERSION_1 = {
     "settings": {"prefix_cache", "n_threads", "top_k_diagnoses", "cdir_open_ended", "allow_mixed_modalities",
-                 "images_are_studies", "frame"},
+                 "images_are_studies", "frame", "speculative", "draft_model"},
     "": {"answer_kind", "differential"},
     "answer": {"answer_kind", "differential"},
     "cdir": {"references"},

@@ -248,3 +248,21 @@ def test_bad_modes_are_refused(gguf):
         LlamaTextBackend(str(gguf), n_ctx=256, n_threads=1, sha256="0" * 64, speculative="fast")
     with pytest.raises(InputError, match="needs a draft model"):
         LlamaTextBackend(str(gguf), n_ctx=256, n_threads=1, sha256="0" * 64, speculative="draft")
+
+
+def test_settings_resolve_to_backend_arguments():
+    from medrwr_edge.runtime.speculative import speculative_args
+
+    assert speculative_args("lookup") == {"speculative": "lookup"}
+    assert speculative_args("draft", "/x/d.gguf") == {"speculative": "draft", "draft_model": "/x/d.gguf"}
+    with pytest.raises(InputError, match="--speculative must be one of"):
+        speculative_args("fast")
+
+
+@pytest.mark.real_model
+def test_auto_is_plain_decoding_on_cpu_and_the_record_says_so(gguf):
+    from medrwr_edge.runtime.api import _model_record
+
+    with LlamaTextBackend(str(gguf), n_ctx=256, n_threads=1, sha256="0" * 64, speculative="auto") as b:
+        assert b.speculative == "off"
+        assert _model_record(b)["speculative"] == {"mode": "off", "requested": "auto"}

@@ -385,5 +385,5 @@ def _model_record(backend) -> dict:
         "device": info.device,
         "gpu_layers": info.gpu_layers,
         "n_ctx": info.n_ctx,
-        **({"speculative": backend.speculative_record()} if hasattr(backend, "speculative_record") else {}),
+        "speculative": backend.speculative_record() if hasattr(backend, "speculative_record") else {"mode": "off"},
     }

@@ -59,6 +59,11 @@ class AskSettings:
     guided_doc_words: int = LoopConfig.guided_doc_words  # guided/rag: each spliced entry cut to N words (0: whole)
     engine: Optional[str] = None  # URL of an inference server (llama.cpp server, vLLM) that generates the tokens
     engine_timeout: float = 120.0  # seconds without a byte from that server before a request is given up
+    # Speculative decoding (runtime/speculative.py): off, lookup (drafts copied from the sequence), draft (a small
+    # model of the same tokenizer, `draft_model` or the installed Qwen2.5-Coder-0.5B), auto (lookup on a GPU, off on
+    # CPU, where speculation measured slower). Greedy output is plain decoding's (README: speculative decoding).
+    speculative: str = "auto"
+    draft_model: Optional[str] = None
 
     def resolved_protocol(self, backend) -> str:
         if self.protocol != "auto":
@@ -394,6 +399,7 @@ def load_backend(model: Optional[PathLike], settings: AskSettings):
         path = ggufs[0]
     assets.check_gguf(path)
     from .llama_backend import LlamaTextBackend
+    from .speculative import speculative_args
 
     return LlamaTextBackend(
         path,
@@ -403,6 +409,7 @@ def load_backend(model: Optional[PathLike], settings: AskSettings):
         n_threads=settings.n_threads,
         sha256=cached_sha256(path),
         prefix_cache_dir=str(data_dir() / "prefix-cache") if settings.prefix_cache else None,
+        **speculative_args(settings.speculative, settings.draft_model),
     )
 
 
@@ -419,4 +426,5 @@ def _model_record(backend) -> dict:
         "n_ctx": info.n_ctx,
         "build": info.build,
         "compute": dict(info.compute),
+        "speculative": backend.speculative_record() if hasattr(backend, "speculative_record") else {"mode": "off"},
     }

@@ -70,6 +70,11 @@ class BackendStats:
     inserted_tokens: int = 0  # tokens decoded by append_text()
     rolled_back_tokens: int = 0  # KV entries dropped by rollback()
     decode_calls: int = 0
+    # Speculative decoding: draft tokens decoded in verification batches, and those kept (counted in
+    # generated_tokens too; the rejected ones were removed from the KV cache and are counted nowhere else).
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_batches: int = 0  # batches of a kept token + its drafts
     prefill_seconds: float = 0.0
     generate_seconds: float = 0.0
 

@@ -38,6 +38,8 @@ def ask_command(
     n_ctx: int = typer.Option(8192, "--ctx", help="context window (tokens)"),
     gpu_layers: int = typer.Option(0, "--gpu-layers", help="layers to offload to a GPU build of llama.cpp (-1: all)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (default: physical cores)"),
+    speculative: str = typer.Option("auto", "--speculative", help="speculative decoding: off, lookup (copy drafts "
+                                    "from the context), draft (the 0.5B draft model), auto (lookup on a GPU, off on CPU)"),
     frame: Optional[int] = typer.Option(None, "--frame", help="multi-frame DICOM: the frame (slice) of IMAGE to "
                                         "use, from 0 (default: the middle one)"),
     as_json: bool = typer.Option(False, "--json", help="print the evidence record as JSON"),
@@ -68,7 +70,7 @@ def ask_command(
         cdir_threshold=threshold, search_mode=mode, n_ctx=n_ctx, gpu_layers=gpu_layers, n_threads=threads,
         top_k_diagnoses=top_k_diagnoses, cdir_open_ended=cdir_open_ended,
         allow_mixed_modalities=allow_mixed_modalities, frame=frame, protocol=protocol, engine=engine,
-        engine_timeout=engine_timeout,
+        engine_timeout=engine_timeout, speculative=speculative,
     )
     from ..errors import InputError
 

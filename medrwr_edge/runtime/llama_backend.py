@@ -17,6 +17,7 @@ import codecs
 import os
 import struct
 import time
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -33,6 +34,8 @@ from medrwr_edge.runtime.backend import (
     PromptPart,
     SamplingSettings,
 )
+from medrwr_edge.runtime.speculative import MODES as SPECULATIVE_MODES
+from medrwr_edge.runtime.speculative import DraftLength, DraftModel, lookup_draft
 
 
 class ContextFullError(InputError):
@@ -125,7 +128,16 @@ class LlamaTextBackend:
         sha256: Optional[str] = None,
         flash_attn: bool = False,
         prefix_cache_dir: Optional[str] = None,
+        n_ubatch: Optional[int] = None,
+        speculative: str = "off",
+        draft_model: Optional[str | os.PathLike] = None,
+        n_draft: int = 8,
+        adaptive_draft: bool = True,
     ):
+        if speculative not in SPECULATIVE_MODES:
+            raise InputError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, not {speculative!r}")
+        if speculative == "draft" and draft_model is None:
+            raise InputError("speculative 'draft' needs a draft model (a small GGUF with the same tokenizer)")
         notes: list[str] = []
         device = "cpu"
         if gpu_layers != 0:  # -1 = every layer, as in llama.cpp
@@ -141,10 +153,30 @@ class LlamaTextBackend:
             n_ctx = facts.n_ctx_train
         self.n_threads = n_threads or llama_native.physical_cores()
         try:
-            self._ctx = llama_native.NativeContext(self._model, n_ctx, n_batch, self.n_threads, flash_attn)
+            self._ctx = llama_native.NativeContext(
+                self._model, n_ctx, n_batch, self.n_threads, flash_attn, n_ubatch=n_ubatch
+            )
         except ModelError:
             self._model.close()
             raise
+        # auto: prompt lookup where the model runs on a GPU, where a batch of a few tokens costs about one; plain
+        # decoding on CPU, where on 2 shared cores a verification batch is compute-bound and both lookup and the
+        # 0.5B draft model measured slower than plain decoding (benchmarks/bench_speculative.py, README).
+        self.speculative_requested = speculative
+        if speculative == "auto":
+            speculative = "lookup" if device != "cpu" else "off"
+        self.speculative = speculative
+        self.n_draft = n_draft
+        # How many tokens to draft: measured per mode (adaptive), or always n_draft.
+        self._draft_len = {m: DraftLength(n_draft, adaptive=adaptive_draft) for m in ("lookup", "draft")}
+        self._draft_model: Optional[DraftModel] = None
+        if self.speculative == "draft":
+            try:
+                self._draft_model = DraftModel(draft_model, self._model, n_ctx=self._ctx.n_ctx, n_threads=self.n_threads)
+            except BaseException:
+                self._ctx.close()
+                self._model.close()
+                raise
         self.seed = seed
         self.info = _LlamaInfo(
             name="llama.cpp",
@@ -382,74 +414,104 @@ class LlamaTextBackend:
 
         With stop_reason "stop" the text ends with the stop string and the cache holds exactly that text (a token
         that ran past it is replaced by the tokens of its piece up to the stop string). If a pass ends by length
-        inside a multi-byte character, `text` omits the incomplete character; the cache has its bytes."""
+        inside a multi-byte character, `text` omits the incomplete character; the cache has its bytes.
+
+        With speculative decoding on, each kept token is decoded together with draft tokens that may follow it
+        (one batch, logits for every position); drafts are kept while the model's own pick at that position equals
+        them (see `_sample`), the first disagreement is replaced by that pick, and the rejected drafts are removed
+        from the KV cache. Every kept token goes through the same
+        stop-string, end-of-turn and length checks as in plain decoding."""
         if not self._tokens:
             raise RuntimeError("generate() before prefill()")
         if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
             raise InputError(f"invalid sampling settings: {settings}")
         t0 = time.perf_counter()
-        stops = [s for s in stop if s]
-        max_stop = max((len(s) for s in stops), default=0)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        model, ctx = self._model, self._ctx
-        n_ctx = ctx.n_ctx
+        run = _PassText(self._model, [s for s in stop if s], on_piece)
+        n_ctx = self._ctx.n_ctx
+        speculate = self._speculation_on()
 
         self._ensure_logits()
         if len(self._tokens) not in self._checkpoints:
             self._checkpoints[len(self._tokens)] = np.array(self._current_logits(), dtype=np.float32)
-        kept: list[GeneratedToken] = []
-        pass_bytes = bytearray()  # bytes of the kept tokens of this pass
-        text = ""
-        streamed = 0  # characters of `text` already given to on_piece
-        stop_reason, stop_hit, overshoot = "length", None, 0
+        stop_reason = "length"
+        pending: Optional[tuple[int, float]] = None  # a token sampled from known logits, not yet offered
 
-        while len(kept) < settings.max_tokens:
+        while len(run.kept) < settings.max_tokens:
             if len(self._tokens) >= n_ctx:
                 stop_reason = "context"
                 break
-            token, prob = self._sample(self._current_logits(), settings)
-            if model.is_eog(token):
-                stop_reason = "eos"
+            token, prob = pending if pending is not None else self._sample(self._current_logits(), settings)
+            pending = None
+            outcome = run.offer(token, prob)
+            if outcome != "keep":
+                stop_reason = self._end_pass(run, outcome, in_cache=False)
                 break
-            piece = model.piece(token)
-            new_text = decoder.decode(piece)
-            search_from = max(0, len(text) - max_stop + 1)
-            candidate = text + new_text
-            hit = _first_stop(candidate, stops, search_from) if stops else None
-            if hit is None:
+            room = min(settings.max_tokens - len(run.kept), n_ctx - len(self._tokens) - 1, self._ctx.n_batch - 1)
+            policy = self._draft_len.get(self.speculative) if speculate else None
+            k = policy.choose(room) if policy is not None else 0
+            t_draft = time.perf_counter()
+            drafts = self._draft(token, k) if k else []
+            t_verify = time.perf_counter()
+            if not drafts:
                 self._decode_sampled(token)
-                kept.append(GeneratedToken(token, new_text, prob))
-                pass_bytes += piece
-                text = candidate
-            else:
-                stop_hit, end = hit
-                stop_reason = "stop"
-                target = candidate[:end]
-                if bytes(pass_bytes) + piece == target.encode("utf-8"):
-                    self._decode_sampled(token)  # the stop string ends exactly at this token's end
-                    kept.append(GeneratedToken(token, new_text, prob))
-                else:
-                    overshoot = len(candidate) - end
-                    self._cut_to(target, kept, pass_bytes)
-                text = target
+                if policy is not None:
+                    policy.single(time.perf_counter() - t_verify)
+                continue
+            rows = self._verify(token, drafts)
+            verify_seconds = time.perf_counter() - t_verify
+            first = len(self._tokens) - len(drafts)  # index of drafts[0] in the sequence
+            accepted_before = self.stats.accepted_tokens
+            for i, d in enumerate(drafts):
+                if len(run.kept) >= settings.max_tokens:
+                    self._drop_drafts(first + i, rows[i])
+                    break
+                token, prob = self._sample(rows[i], settings)
+                if token != d:
+                    self._drop_drafts(first + i, rows[i])
+                    pending = (token, prob)
+                    break
+                self.stats.accepted_tokens += 1
+                outcome = run.offer(token, prob)
+                if outcome == "keep":
+                    self.stats.generated_tokens += 1
+                    continue
+                exact = outcome == "stop" and run.exact
+                # Keep the stop token itself only if the stop string ends exactly at its end.
+                self._drop_drafts(first + i + 1 if exact else first + i, rows[i + 1] if exact else rows[i])
+                stop_reason = self._end_pass(run, outcome, in_cache=exact)
                 break
-            # Stream what cannot be the start of a stop string still being generated.
-            safe = len(text) - _partial_stop_len(text, stops)
-            if on_piece is not None and safe > streamed:
-                on_piece(text[streamed:safe])
-                streamed = safe
-        if on_piece is not None and len(text) > streamed:
-            on_piece(text[streamed:])
+            draft_seconds = self._draft_model.last_seconds if self.speculative == "draft" else t_verify - t_draft
+            policy.batch(len(drafts), self.stats.accepted_tokens - accepted_before, verify_seconds, draft_seconds)
+            if stop_reason != "length":
+                break
+        run.flush()
         seconds = time.perf_counter() - t0
         self.stats.generate_seconds += seconds
         return Generation(
-            text=text,
-            tokens=kept,
+            text=run.text,
+            tokens=run.kept,
             stop_reason=stop_reason,
-            stop_string=stop_hit,
-            overshoot_chars=overshoot,
+            stop_string=run.stop_hit,
+            overshoot_chars=run.overshoot,
             seconds=seconds,
         )
+
+    def _end_pass(self, run: "_PassText", outcome: str, in_cache: bool) -> str:
+        """The offered token ended the pass ("eos" or "stop"); make the cache hold exactly the pass's text.
+        `in_cache`: the token is already decoded (an accepted draft whose stop string ends at its end)."""
+        if outcome == "eos":
+            return "eos"
+        if run.exact:
+            if in_cache:
+                self.stats.generated_tokens += 1
+            else:
+                self._decode_sampled(run.last[0])  # the stop string ends exactly at this token's end
+            run.kept.append(GeneratedToken(*run.last))
+        else:
+            run.overshoot = len(run.candidate) - len(run.target)
+            self._cut_to(run.target, run.kept, run.pass_bytes)
+        run.text = run.target
+        return "stop"
 
     def _cut_to(self, target: str, kept: list[GeneratedToken], pass_bytes: bytearray) -> None:
         """The stop string ended inside the token just sampled (not decoded): make the cache hold exactly `target`.
@@ -472,7 +534,13 @@ class LlamaTextBackend:
             self.stats.inserted_tokens += len(tail)
 
     def _sample(self, logits: np.ndarray, settings: SamplingSettings) -> tuple[int, float]:
-        """Pick the next token; return it with its softmax probability at temperature 1 on the raw logits."""
+        """Pick the next token; return it with its softmax probability at temperature 1 on the raw logits.
+
+        A draft token is checked by sampling as usual and keeping the draft only if the sample equals it. With a
+        deterministic draft d this IS the speculative-sampling rule (keep d with probability p(d), else a token
+        from p without d, normalised: Leviathan et al. 2023 with a one-hot draft distribution), and it draws one
+        random number per position exactly as plain sampling does: with the same seed and logits the output is
+        plain sampling's, whatever was drafted, and a replay does not depend on how many tokens were drafted."""
         best = int(logits.argmax())
         m = float(logits[best])
         buf = self._exp_buf  # preallocated: no per-token allocation of a vocab-sized array
@@ -481,15 +549,23 @@ class LlamaTextBackend:
         total = float(buf.sum())
         if settings.temperature == 0:
             return best, 1.0 / total  # exp(max - max) / total
-        token = self._sample_random(logits, m, settings)
+        cand, p = self._target_distribution(logits, m, settings)
+        cdf = np.cumsum(p)
+        j = min(int(np.searchsorted(cdf, self._random_stream(settings).random() * cdf[-1], side="right")), len(cdf) - 1)
+        token = int(j if cand is None else cand[j])
         return token, float(np.exp(float(logits[token]) - m)) / total
 
-    def _sample_random(self, logits: np.ndarray, m: float, settings: SamplingSettings) -> int:
-        seed = settings.seed
-        if self._rng is None or self._rng_seed != seed:
+    def _random_stream(self, settings: SamplingSettings) -> np.random.Generator:
+        if self._rng is None or self._rng_seed != settings.seed:
             # Seeded once per sequence: the passes of one turn continue one random stream.
-            self._rng = np.random.default_rng([self.seed, seed])
-            self._rng_seed = seed
+            self._rng = np.random.default_rng([self.seed, settings.seed])
+            self._rng_seed = settings.seed
+        return self._rng
+
+    def _target_distribution(
+        self, logits: np.ndarray, m: float, settings: SamplingSettings
+    ) -> tuple[Optional[np.ndarray], np.ndarray]:
+        """The sampling distribution (temperature, top-k, top-p): candidate ids (None = all, by id) and probs."""
         t = settings.temperature
         if settings.top_k > 0:
             k = min(settings.top_k, logits.shape[0])
@@ -507,9 +583,57 @@ class LlamaTextBackend:
         if cand is not None and settings.top_p < 1.0:
             cut = int(np.searchsorted(np.cumsum(p), settings.top_p)) + 1
             cand, p = cand[:cut], p[:cut] / p[:cut].sum()
-        cdf = np.cumsum(p)
-        j = min(int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right")), len(cdf) - 1)
-        return int(j if cand is None else cand[j])
+        return cand, p
+
+    # ---- speculative decoding --------------------------------------------------------------------------
+
+    def _speculation_on(self) -> bool:
+        # Vision bundles place tokens at M-RoPE positions this verification batch does not compute.
+        return self.speculative != "off" and not self.info.has_vision
+
+    def _draft(self, token: int, k: int) -> list[int]:
+        """Up to k guesses for the tokens after the sequence + `token` (sampled, about to be decoded)."""
+        seq = self._tokens + [token]
+        if self.speculative == "draft" and self._draft_model is not None:
+            return self._draft_model.draft(seq, k)
+        return lookup_draft(seq, k)
+
+    def _verify(self, token: int, drafts: list[int]) -> np.ndarray:
+        """Decode `token` and the drafts as one batch; row i = next-token logits after the i-th of them."""
+        batch = [token, *drafts]
+        rows = self._ctx.decode_all_logits(batch, len(self._tokens))
+        self._tokens.extend(batch)
+        self.stats.generated_tokens += 1
+        self.stats.drafted_tokens += len(drafts)
+        self.stats.verify_batches += 1
+        self.stats.decode_calls += 1
+        self._logits_valid = True  # the context's last output row is the last draft's
+        self._state_logits = None
+        return rows
+
+    def _drop_drafts(self, index: int, next_logits: np.ndarray) -> None:
+        """Remove the drafts from sequence index `index` on; `next_logits` (a verification row) become the
+        next-token logits. Not a rollback(): these tokens were never part of the output."""
+        if index < len(self._tokens):
+            self._ctx.remove_from(self._cache_position(index))
+            self._truncate(index)
+            self._state_logits = np.array(next_logits, dtype=np.float32)  # the row dies at the next decode
+            self._logits_valid = False
+
+    def speculative_record(self) -> dict:
+        """What speculation did since reset(), for the evidence record."""
+        st = self.stats
+        rec = {"mode": self.speculative if self._speculation_on() else "off", "requested": self.speculative_requested}
+        if rec["mode"] != "off":
+            rec.update(
+                drafted=st.drafted_tokens,
+                accepted=st.accepted_tokens,
+                acceptance_rate=round(st.accepted_tokens / st.drafted_tokens, 4) if st.drafted_tokens else None,
+                mean_accepted=round(st.accepted_tokens / st.verify_batches, 3) if st.verify_batches else None,
+            )
+            if rec["mode"] == "draft":
+                rec["draft_model"] = Path(self._draft_model.path).name
+        return rec
 
     # ---- decoding ------------------------------------------------------------------------------------
 
@@ -563,6 +687,9 @@ class LlamaTextBackend:
     # ---- lifetime ------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        if getattr(self, "_draft_model", None) is not None:
+            self._draft_model.close()
+            self._draft_model = None
         ctx, model = getattr(self, "_ctx", None), getattr(self, "_model", None)
         if ctx is not None:
             ctx.close()
@@ -576,6 +703,53 @@ class LlamaTextBackend:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _PassText:
+    """The text of one generate pass, built from the tokens offered one by one: stop strings and streaming."""
+
+    def __init__(self, model: llama_native.NativeModel, stops: list[str], on_piece: Optional[Callable[[str], None]]):
+        self.model, self.stops, self.on_piece = model, stops, on_piece
+        self.max_stop = max((len(s) for s in stops), default=0)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.kept: list[GeneratedToken] = []
+        self.pass_bytes = bytearray()  # bytes of the kept tokens of this pass
+        self.text = ""
+        self.streamed = 0  # characters of `text` already given to on_piece
+        self.stop_hit: Optional[str] = None
+        self.overshoot = 0
+        # Set when a stop string completes: the offered token (id, piece, prob), the text with its whole piece,
+        # the text cut right after the stop string, and whether the cut is at the token's end.
+        self.last: tuple[int, str, float] = (0, "", 0.0)
+        self.candidate = self.target = ""
+        self.exact = False
+
+    def offer(self, token: int, prob: float) -> str:
+        """Returns "keep" (appended to kept and text, streamed), "eos" or "stop" (nothing appended; see `last`)."""
+        if self.model.is_eog(token):
+            return "eos"
+        piece = self.model.piece(token)
+        new_text = self.decoder.decode(piece)
+        candidate = self.text + new_text
+        hit = _first_stop(candidate, self.stops, max(0, len(self.text) - self.max_stop + 1)) if self.stops else None
+        if hit is not None:
+            self.stop_hit, end = hit
+            self.last, self.candidate, self.target = (token, new_text, prob), candidate, candidate[:end]
+            self.exact = bytes(self.pass_bytes) + piece == self.target.encode("utf-8")
+            return "stop"
+        self.kept.append(GeneratedToken(token, new_text, prob))
+        self.pass_bytes += piece
+        self.text = candidate
+        # Stream what cannot be the start of a stop string still being generated.
+        safe = len(self.text) - _partial_stop_len(self.text, self.stops)
+        if self.on_piece is not None and safe > self.streamed:
+            self.on_piece(self.text[self.streamed : safe])
+            self.streamed = safe
+        return "keep"
+
+    def flush(self) -> None:
+        if self.on_piece is not None and len(self.text) > self.streamed:
+            self.on_piece(self.text[self.streamed :])
 
 
 def _first_stop(text: str, stops: Sequence[str], search_from: int) -> Optional[tuple[str, int]]:

@@ -127,11 +127,14 @@ class ModelFacts:
 class NativeModel:
     """A loaded llama_model and its vocabulary (tokenize / detokenize / end-of-generation)."""
 
-    def __init__(self, path: str | os.PathLike, gpu_layers: int = 0):
+    def __init__(self, path: str | os.PathLike, gpu_layers: int = 0, repack: bool = True):
         _init_once()
         self.path = check_gguf(path)
         params = lc.llama_model_default_params()
         params.n_gpu_layers = int(gpu_layers)
+        # Repacked CPU weights (llama.cpp's extra buffer types) multiply batches of >= 4 rows with other kernels
+        # than single rows: faster prefill, but logits that differ in the last bits from one-token decoding.
+        params.use_extra_bufts = bool(repack)
         _error_lines.clear()
         self._model = lc.llama_model_load_from_file(str(self.path).encode("utf-8"), params)
         if not self._model:
@@ -220,15 +223,24 @@ class NativeContext:
 
     SEQ = 0
 
-    def __init__(self, model: NativeModel, n_ctx: int, n_batch: int, n_threads: int, flash_attn: bool = False):
+    def __init__(
+        self,
+        model: NativeModel,
+        n_ctx: int,
+        n_batch: int,
+        n_threads: int,
+        flash_attn: bool = False,
+        n_ubatch: int | None = None,
+        n_threads_batch: int | None = None,
+    ):
         self.model = model
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
-        params.n_ubatch = n_batch
+        params.n_ubatch = min(n_ubatch or n_batch, n_batch)
         params.n_seq_max = 1
         params.n_threads = n_threads
-        params.n_threads_batch = n_threads
+        params.n_threads_batch = n_threads_batch or n_threads
         params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.no_perf = True
         self.kv_type = f"k:{int(params.type_k)} v:{int(params.type_v)}"  # ggml type ids of the KV cache
@@ -270,6 +282,26 @@ class NativeContext:
         b.logits[0] = 1
         b.n_tokens = 1
         self._decode(b)
+
+    def decode_all_logits(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        """Decode up to n_batch tokens as ONE batch with logits for every position (speculative verification).
+
+        Returns a zero-copy (len(tokens), n_vocab) view, valid until the next decode: row i holds the next-token
+        logits after tokens[i]."""
+        n = len(tokens)
+        if not 0 < n <= self.n_batch:
+            raise ModelError(f"a verification batch holds 1..{self.n_batch} tokens, got {n}")
+        b = self._batch
+        for i, tok in enumerate(tokens):
+            b.token[i] = tok
+            b.pos[i] = start_pos + i
+            b.logits[i] = 1
+        b.n_tokens = n
+        self._decode(b)
+        ptr = lc.llama_get_logits(self._ctx)
+        if not ptr:
+            raise ModelError("no logits available after a verification batch")
+        return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
 
     def decode_embeddings(self, embd: np.ndarray, start_pos: int, logits_last: bool = True) -> None:
         """Decode input embeddings (n, n_embd) float32, e.g. projected image patches, at positions start_pos..

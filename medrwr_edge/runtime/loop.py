@@ -360,7 +360,8 @@ class MedRwRLoop:
             text = P.ANSWER_OPEN + gen.text
             read = Generation(text, [GeneratedToken(-1, P.ANSWER_OPEN, 1.0)] + gen.tokens, gen.stop_reason,
                               gen.stop_string)
-            answer = self._read_answer(read, pass_index, options, t.notes, n_answer - len(be.tokenize(P.ANSWER_OPEN)))
+            # `read` counts "<answer>" as one token: it ends at cache length n_answer, so the pass "began" one earlier
+            answer = self._read_answer(read, pass_index, options, t.notes, n_answer - 1)
             if answer.text is None and gen.stop_reason in ("length", "context"):
                 t.notes.append(f"generation stopped ({gen.stop_reason}) before the answer was closed")
         t.steps.append(answer)
@@ -564,9 +565,11 @@ class MedRwRLoop:
         """p(" {letter}") where the answer begins (gen.text[char_pos:], decoded from cache length n_start): the
         cache is cut there, the letter tokens' probabilities read, and the answer decoded back. "not-comparable"
         when the answer does not begin on a token boundary or the backend cannot read next-token probabilities."""
-        from .letters import letter_probs
+        from .letters import letter_probs, letter_token_ids
 
         be = self.backend
+        if not hasattr(be, "next_token_probs") or letter_token_ids(be, letters) is None:
+            return None, None, "not-comparable"
         pos, count = 0, 0
         for tok in gen.tokens:
             if pos >= char_pos:

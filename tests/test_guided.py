@@ -315,3 +315,16 @@ def test_guided_cdir_keeps_the_first_answer_when_the_regeneration_is_less_sure()
     assert (cdir.answer_before, cdir.answer_after, cdir.changed, cdir.kept_first) == ("B", "C", True, True)
     assert rec.letter == "B" and rec.confidence == pytest.approx(0.5)
     assert any("less confident than the first" in n for n in rec.notes)
+
+
+def test_a_model_that_declares_the_protocol_but_does_not_follow_it_is_reported():
+    be = ScriptedBackend(["1. If you need more information, output <think> ... </think>\n<query> ... </query>",
+                          "I think it is B."])
+    rec = EvidenceRecord(question=QUESTION, options=[], images=[], model={}, packs=[], settings={})
+    MedRwRLoop(be, FakeTexts(), None, LoopConfig()).run(rec, QUESTION, OPTIONS)
+    (note,) = [n for n in rec.notes if "declares the Med-RwR protocol" in n]
+    assert "punctuation-only query" in note and "no <answer>" in note
+    ok = ScriptedBackend(["<think> a </think>\n<answer> B </answer>"])
+    rec = EvidenceRecord(question=QUESTION, options=[], images=[], model={}, packs=[], settings={})
+    MedRwRLoop(ok, FakeTexts(), None, LoopConfig()).run(rec, QUESTION, OPTIONS)
+    assert not [n for n in rec.notes if "declares the Med-RwR protocol" in n]

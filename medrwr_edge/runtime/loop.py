@@ -186,6 +186,8 @@ class MedRwRLoop:
         record.steps.extend(rag_steps + trace.steps)
         record.passes.extend(trace.passes)
         record.notes.extend(trace.notes)
+        if cfg.protocol == "native" and be.info.declares_protocol:
+            record.notes.extend(_protocol_lapses(trace))
         answer, turn = trace.answer, trace.turn
         if answer is not None and self._cdir_due(answer, open_ended, images):
             if answer.answer_kind == "untagged":
@@ -721,6 +723,19 @@ def _tokens_in_span(gen: Generation, start: int, end: int):
             out.append(tok)
         pos = nxt
     return out
+
+
+def _protocol_lapses(trace: PassTrace) -> list[str]:
+    """A model that declares the Med-RwR protocol (and so runs native) but did not follow it in this turn."""
+    lapses = []
+    if any(isinstance(s, Query) and not s.text for s in trace.steps):
+        lapses.append("an empty or punctuation-only query (e.g. the format line's '...')")
+    if trace.answer is None or trace.answer.answer_kind != "tagged":
+        lapses.append("no <answer> </answer> tags")
+    if not lapses:
+        return []
+    return ["the model declares the Med-RwR protocol (run native) but did not follow it here: " + "; ".join(lapses)
+            + " (--protocol guided guides it)"]
 
 
 def _cut_generation(be, n_start: int, gen: Generation, keep_chars: int) -> str:

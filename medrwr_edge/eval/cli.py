@@ -89,6 +89,8 @@ def eval_command(
     no_exemplar: bool = typer.Option(False, "--no-exemplar", help="guided/rag: no worked example in the system turn"),
     doc_words: Optional[int] = typer.Option(None, "--doc-words", help="guided/rag: cut each spliced entry to its first N words "
                                   "(0: whole entries; default: AskSettings')"),
+    excerpt: Optional[str] = typer.Option(None, "--excerpt", help="guided/rag: which N words of each entry: focus "
+                                          "(the lines matching the question, options and query) or head (the first N)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N valid items"),
     workers: int = typer.Option(1, "--workers", help="worker processes (only 1 is useful on one CPU model)"),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: evaluate every N-th item starting at K"),
@@ -142,7 +144,8 @@ def eval_command(
                            cdir_threshold=threshold, retrieval=needs_retrieval, cdir=needs_cdir, n_threads=threads,
                            protocol=protocol, guided_exemplar=not no_exemplar, engine=engine,
                            engine_timeout=engine_timeout,
-                           **{k: v for k, v in (("guided_think_tokens", think_tokens), ("guided_doc_words", doc_words))
+                           **{k: v for k, v in (("guided_think_tokens", think_tokens), ("guided_doc_words", doc_words),
+                                                   ("guided_excerpt", excerpt))
                               if v is not None})
     if out is None:
         stem = Path(dataset).stem if not dataset.startswith("builtin:") else dataset.split(":", 1)[1]

@@ -20,6 +20,7 @@ DEFAULT_TEXT_PACK = "icd10cm-core"
 DEFAULT_IMAGE_PACK = "reference-images"
 MAX_QUESTION_CHARS = 20_000
 PROTOCOL_CHOICES = ("auto", "native", "guided", "rag")
+EXCERPT_CHOICES = ("focus", "head")
 
 PathLike = Union[str, os.PathLike]
 
@@ -57,6 +58,7 @@ class AskSettings:
     guided_think_tokens: int = LoopConfig.guided_think_tokens  # guided/rag: thinking before the query and answer
     guided_exemplar: bool = LoopConfig.guided_exemplar  # guided/rag, multiple choice: a worked example (system turn)
     guided_doc_words: int = LoopConfig.guided_doc_words  # guided/rag: each spliced entry cut to N words (0: whole)
+    guided_excerpt: str = LoopConfig.guided_excerpt  # guided/rag: which N words ("focus" or "head"; LoopConfig)
     engine: Optional[str] = None  # URL of an inference server (llama.cpp server, vLLM) that generates the tokens
     engine_timeout: float = 120.0  # seconds without a byte from that server before a request is given up
     # Speculative decoding (runtime/speculative.py): off, lookup (drafts copied from the sequence), draft (a small
@@ -76,6 +78,7 @@ class AskSettings:
             guided_think_tokens=self.guided_think_tokens,
             guided_exemplar=self.guided_exemplar,
             guided_doc_words=self.guided_doc_words,
+            guided_excerpt=self.guided_excerpt,
             max_passes=self.max_passes,
             top_k=self.top_k_docs,
             retrieval=self.retrieval,
@@ -264,6 +267,8 @@ def _check_settings(s: AskSettings) -> None:
     if s.guided_think_tokens < 0 or s.guided_doc_words < 0:
         raise InputError("guided_think_tokens and guided_doc_words must be ≥ 0 "
                          f"(got {s.guided_think_tokens}, {s.guided_doc_words})")
+    if s.guided_excerpt not in EXCERPT_CHOICES:
+        raise InputError(f"guided_excerpt must be one of {', '.join(EXCERPT_CHOICES)} (got {s.guided_excerpt!r})")
     if s.protocol not in PROTOCOL_CHOICES:
         raise InputError(f"protocol must be one of {', '.join(PROTOCOL_CHOICES)} (got {s.protocol!r})")
     if s.top_k_diagnoses is not None and not (isinstance(s.top_k_diagnoses, int) and 1 <= s.top_k_diagnoses <= 10):

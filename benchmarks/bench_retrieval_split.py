@@ -215,11 +215,11 @@ def main(argv=None) -> int:
         f = args.tuned.split(",")
         params = FusionParams(f[0], int(f[3]) if f[0] == "rrf" else 60, float(f[1]), float(f[2]))
         keys = [shipped, (float(f[-2]), int(f[-1]), params)]
-        print(f"--tuned given: the grid is skipped, the 'chosen' row is that setting")
+        print("--tuned given: the grid is skipped, the 'chosen' row is that setting")
     grid = {key: tune.hybrid_scores(*key) for key in keys}
     best = choose(grid)
     print(f"grid: {len(grid)} hybrid variants re-scored on TUNE in {time.perf_counter() - t0:.0f} s")
-    print(f"\nTUNE, top variants by the rule (weakest kind hit@3, macro hit@3, macro MRR):")
+    print("\nTUNE, top variants by the rule (weakest kind hit@3, macro hit@3, macro MRR):")
     ranked = sorted(grid, key=lambda key: objective(grid[key]), reverse=True)
     for key in dict.fromkeys([shipped] + ranked[:8]):
         lo, macro, mrr = objective(grid[key])

@@ -350,3 +350,40 @@ def test_replay_through_the_server_compares_like_with_like(engine, smoke_gguf, s
     rec["model"]["engine"]["model_id"] = "some-other-model"
     with pytest.raises(IntegrityError, match="not the same model"):
         replay(rec)
+
+
+def test_serve_maps_engine_faults_to_504_and_502_and_logs_nothing(engine, small_icd_pack, medrwr_home):
+    """Through `serve`: an engine that hangs -> 504 naming the timeout; an engine whose port went dead -> 502
+    naming the server; one JSON line each, the same in a stream's error event, and nothing in the answer log."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from cli_harness import snapshot
+    from medrwr_edge.runtime.api import AskSettings, Session
+    from medrwr_edge.serve import ServeConfig, create_app
+
+    proxy = FaultProxy(engine.port)
+    settings = AskSettings(engine=proxy.url, engine_timeout=1.0, max_tokens=16, n_ctx=4096, protocol="native")
+    ask_form = {"question": QUESTION, "options": OPTIONS}
+    try:
+        with TestClient(create_app(lambda: Session(packs=[str(small_icd_pack)], image_pack=False,
+                                                   settings=settings), ServeConfig(log_answers=True))) as c:
+            proxy.hang = True  # the server accepts and never answers
+            r = c.post("/v1/ask", data=ask_form)
+            assert r.status_code == 504, r.text
+            err = r.json()["error"]
+            assert err["type"] == "engine_timeout" and "did not answer in time" in err["message"]
+            assert proxy.url in err["message"] and "\n" not in err["message"]
+            with c.stream("POST", "/v1/ask", data={**ask_form, "stream": "true"}) as s:
+                events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+            assert events[-1]["error"]["type"] == "engine_timeout" and events[-1]["error"]["status"] == 504
+            proxy.kill()  # the port is dead now: nothing listens, open connections are gone
+            r = c.post("/v1/ask", data=ask_form)
+            assert r.status_code == 502, r.text
+            err = r.json()["error"]
+            assert err["type"] == "engine_error" and proxy.url in err["message"], err
+            health = c.get("/v1/health").json()
+            assert health["failed"] == 3 and health["completed"] == 0
+    finally:
+        proxy.kill()
+    assert not any("log" in p for p in snapshot(medrwr_home)), snapshot(medrwr_home)

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import InputError, MedrwrError
+from ..runtime.engine_dialects import EngineError, EngineTimeout
 from . import openai_compat as oai
 from .config import ServeConfig
 from .middleware import ApiKeyAuth, BodyLimit, RequestLog
@@ -83,6 +84,8 @@ def create_app(session_factory: Callable[[], Any], config: Optional[ServeConfig]
     async def _medrwr_error(request: Request, exc: MedrwrError):
         if isinstance(exc, InputError):
             return _error(400, str(exc), "invalid_request_error")
+        if isinstance(exc, EngineError):
+            return _error(*_engine_fault(exc))
         return _error(500, str(exc), "server_error")
 
     @app.exception_handler(QueueFull)
@@ -356,9 +359,20 @@ def _error_body(exc: BaseException) -> dict:
         return {"error": {"message": str(exc), "type": "cancelled"}}
     if isinstance(exc, InputError):
         return {"error": {"message": str(exc), "type": "invalid_request_error"}}
+    if isinstance(exc, EngineError):  # the status line was sent already (200): the status the error would have had
+        status, message, kind = _engine_fault(exc)
+        return {"error": {"message": message, "type": kind, "status": status}}
     if isinstance(exc, MedrwrError):
         return {"error": {"message": str(exc), "type": "server_error"}}
     return {"error": {"message": "internal error (see the server log)", "type": "server_error"}}
+
+
+def _engine_fault(exc: EngineError) -> tuple[int, str, str]:
+    """A fault of the inference server behind `--engine` is an upstream's, not ours: 504 when it did not answer
+    within --engine-timeout, 502 when it is unreachable, refused the request, broke off or sent a bad reply."""
+    if isinstance(exc, EngineTimeout):
+        return 504, str(exc), "engine_timeout"
+    return 502, str(exc), "engine_error"
 
 
 def _model_name(worker: AskWorker) -> str:

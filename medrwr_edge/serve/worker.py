@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import InputError, MedrwrError
+from ..runtime.engine_dialects import EngineError
 
 log = logging.getLogger("medrwr_edge.serve")
 
@@ -254,7 +255,9 @@ class AskWorker:
             error = RequestCancelled(str(error) if isinstance(error, RequestCancelled) else "cancelled")
         else:
             c.failed += 1
-            if not isinstance(error, MedrwrError):
+            if isinstance(error, EngineError):  # the operator's clue to a 502/504 (the type only, no content)
+                log.warning("request %s: inference server fault (%s)", job.request_id, type(error).__name__)
+            elif not isinstance(error, MedrwrError):
                 # Only the type: an exception's text could quote the question or a DICOM tag.
                 log.error("request %s failed: %s", job.request_id, type(error).__name__)
                 error = InternalFault("internal error (see the server log)")

@@ -8,6 +8,8 @@ streamed logprobs). The C++ llama.cpp server dialect is implemented from its doc
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -387,3 +389,56 @@ def test_serve_maps_engine_faults_to_504_and_502_and_logs_nothing(engine, small_
     finally:
         proxy.kill()
     assert not any("log" in p for p in snapshot(medrwr_home)), snapshot(medrwr_home)
+
+
+QUESTIONS = [QUESTION, "Which diagnosis fits sudden pleuritic chest pain with absent breath sounds on one side?",
+             "Which diagnosis fits a chronic cough with daily purulent sputum and dilated bronchi on CT?"]
+
+
+def test_serve_engine_parallel_answers_at_once_and_keeps_records_apart(engine, small_icd_pack, medrwr_home):
+    """`engine_parallel=3`: three workers, each its own ServerBackend sequence. Three different questions sent at
+    once are all answered (none lost), each record is its own question's, and equals the answer one worker gives
+    to the same question alone (temperature 0). llama-cpp-python's server decodes one request at a time and keeps
+    one cache, so here the workers interleave on it (the benchmark measures what that costs)."""
+    pytest.importorskip("fastapi")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from medrwr_edge.runtime.api import AskSettings, Session
+    from medrwr_edge.serve import ServeConfig, create_app
+
+    settings = AskSettings(engine=engine.url, max_tokens=24, n_ctx=4096, protocol="native")
+
+    def factory():
+        return Session(packs=[str(small_icd_pack)], image_pack=False, settings=settings)
+
+    def ask(c, q):
+        r = c.post("/v1/ask", data={"question": q, "options": OPTIONS})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with TestClient(create_app(factory, ServeConfig())) as c:
+        assert c.get("/v1/health").json()["parallel"] == 1  # llama-cpp-python names no slots: 1 by default
+        alone = [ask(c, q) for q in QUESTIONS]
+    with TestClient(create_app(factory, ServeConfig(engine_parallel=3))) as c:
+        assert c.get("/v1/health").json()["parallel"] == 3
+        peak, done = [0], threading.Event()
+
+        def watch():  # how many questions serve had in flight at once
+            while not done.is_set():
+                peak[0] = max(peak[0], c.get("/v1/health").json()["in_flight"])
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda q: ask(c, q), QUESTIONS))
+        done.set()
+        watcher.join()
+        health = c.get("/v1/health").json()
+    assert peak[0] == 3 and health["completed"] == 3 and health["failed"] == 0
+    for q, a, b in zip(QUESTIONS, alone, together):
+        assert b["question"] == q
+        assert _comparable(b) == _comparable(a)
+        assert len(b["model"]["engine"]["requests"]) == len(b["passes"])  # its own requests only

@@ -22,6 +22,7 @@ loop's. Each request records the prompt length as the server counted it (`reques
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -80,6 +81,7 @@ class ServerBackend:
         self.cache_prompt = cache_prompt
         self.slot = slot
         self.timeout = timeout
+        self._api_key = api_key
         self.http = EngineHTTP(self.url, timeout, api_key)
         try:
             self._dialect = probe(self.http, cache_prompt, slot)
@@ -118,7 +120,26 @@ class ServerBackend:
         self._segs: list[_Segment] = []
         self._n = 0
 
-    # ---- HTTP ------------------------------------------------------------------------------------------
+    # ---- several sequences on one server (serve's workers) -----------------------------------------------
+
+    def default_parallel(self) -> int:
+        """How many sequences the server says it decodes at once: a llama.cpp server's slots (`--parallel`); 1
+        where the server does not say (vLLM batches whatever it is sent: choose `--engine-parallel` there)."""
+        return max(1, int(getattr(self._dialect, "total_slots", 1)))
+
+    def sibling(self, slot: Optional[int] = None) -> "ServerBackend":
+        """Another, independent sequence on the same server (one per `serve` worker): its own connection and
+        record, the probe's findings reused. `slot`: a llama.cpp server slot (`id_slot`), so that each worker's
+        prefix stays cached in its own slot; ignored by servers without slots."""
+        twin = copy.copy(self)
+        twin.http = EngineHTTP(self.url, self.timeout, self._api_key)
+        twin._dialect = copy.copy(self._dialect)
+        twin._dialect.http = twin.http
+        if isinstance(twin._dialect, LlamaCppDialect):
+            twin._dialect.slot = twin.slot = slot
+        twin.info = copy.deepcopy(self.info)
+        twin.reset()
+        return twin
 
     # ---- the sequence ----------------------------------------------------------------------------------
 
@@ -345,6 +366,7 @@ class ServerBackend:
         return {
             "url": info.url, "dialect": info.dialect, "server": info.server, "model_id": info.model_id,
             "token_prompts": info.token_prompts, "cache_prompt": self.cache_prompt,
+            **({"slot": self.slot} if self.slot is not None else {}),
             "model_sha256_of": "the model id the server reports (the server does not expose its weights' hash)",
             "requests": [dict(r) for r in self.requests],
             "prompt_tokens_computed": sum(computed) if computed and None not in computed else None,

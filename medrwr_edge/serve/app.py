@@ -52,13 +52,13 @@ def create_app(session_factory: Callable[[], Any], config: Optional[ServeConfig]
     """`session_factory()` builds the Session (model + packs); it runs once, in the worker thread, at startup."""
     config = config or ServeConfig()
     worker = AskWorker(session_factory, max_queue=config.max_queue, keep_reports=config.keep_reports,
-                       log_answers=config.log_answers)
+                       log_answers=config.log_answers, engine_parallel=config.engine_parallel)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await worker.start()
-        log.info("ready: model %s, %d text pack(s), queue of %d", _model_name(worker), len(worker.text_pack_names()),
-                 config.max_queue)
+        log.info("ready: model %s, %d text pack(s), queue of %d, %d question(s) at a time", _model_name(worker),
+                 len(worker.text_pack_names()), config.max_queue, worker.parallel)
         try:
             yield
         finally:
@@ -306,7 +306,8 @@ def create_app(session_factory: Callable[[], Any], config: Optional[ServeConfig]
             "status": "ok" if worker.accepting else "shutting_down",
             "model": _model_name(worker) if worker.session is not None else None,
             "queue_depth": worker.queue_depth(),
-            "in_flight": 1 if worker.current is not None else 0,
+            "in_flight": len(worker.running),
+            "parallel": worker.parallel,
             "max_queue": worker.max_queue,
             "accepted": c.accepted, "completed": c.completed, "failed": c.failed, "cancelled": c.cancelled,
             "rejected_queue_full": c.rejected_queue_full,

@@ -442,3 +442,20 @@ def test_serve_engine_parallel_answers_at_once_and_keeps_records_apart(engine, s
         assert b["question"] == q
         assert _comparable(b) == _comparable(a)
         assert len(b["model"]["engine"]["requests"]) == len(b["passes"])  # its own requests only
+
+
+def test_an_image_question_through_the_server_is_refused_in_one_line(engine, small_icd_pack, tmp_path):
+    """The model on the server should see the image; llama-cpp-python's /v1/completions cannot carry one, so the
+    question is refused (one `error:` line naming what the server lacks, exit 2, nothing logged), not answered
+    blind."""
+    from cli_harness import installed_models_dir, private_home, run_cli, snapshot, text, write_phantom_pngs
+
+    image = write_phantom_pngs(tmp_path / "img", 1)[0]
+    home = private_home(tmp_path, installed_models_dir())
+    res = run_cli(["ask", str(image), QUESTION, *sum((["-o", o] for o in OPTIONS), []), "-p", str(small_icd_pack),
+                   "--engine", engine.url], home)
+    err = [ln for ln in text(res.stderr).splitlines() if ln.strip()]
+    assert res.returncode == 2 and not text(res.stdout).strip() and len(err) == 1, err
+    assert err[0].startswith(f"error: the inference server at {engine.url} (llama-cpp-python) cannot be shown images")
+    assert "/v1/completions has no image input" in err[0] and "Traceback" not in text(res.stderr)
+    assert not any("log" in p for p in snapshot(home)), snapshot(home)

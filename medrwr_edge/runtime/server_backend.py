@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
-from ..errors import InputError, ModelError
+from ..errors import InputError
 from .backend import BackendInfo, BackendStats, Generation, GeneratedToken, ImageInput, PromptPart, SamplingSettings
 from .engine_dialects import (  # noqa: F401 - EngineError/EngineTimeout are part of this module's API
     EngineError,
@@ -99,10 +99,6 @@ class ServerBackend:
         if not d.token_prompts:
             notes.append(f"the inference server ({d.server}) takes text prompts only: it re-tokenizes the sequence "
                          "each pass, so exact identity with the in-process backend cannot be promised")
-        if getattr(d, "vision", False):
-            notes.append("the llama.cpp server's model takes images (--mmproj), but /completion carries them only with "
-                         "a text prompt (multimodal_data), not with the token-id prompts this backend sends: images "
-                         "are not shown to the model through --engine")
         if not d.cache_counters:
             notes.append(f"the inference server ({d.server}) does not report prompt tokens served from its cache")
         model_id = getattr(d, "model_id", "") or getattr(d, "model_path", "").rsplit("/", 1)[-1]
@@ -115,6 +111,7 @@ class ServerBackend:
             else "openai", server=d.server, model_id=model_id, token_prompts=d.token_prompts,
             cache_counters=d.cache_counters,
         )
+        self.image_refusal = _image_refusal(d, self.info.url)  # Session.ask refuses an image question with it
         self.stats = BackendStats()
         self.requests: list[dict] = []  # one entry per completion request of the current sequence
         self._segs: list[_Segment] = []
@@ -172,8 +169,7 @@ class ServerBackend:
         if isinstance(prompt, str):
             prompt = [prompt]
         if any(isinstance(p, ImageInput) for p in prompt):
-            raise ModelError(f"the inference server ({self._dialect.server}) takes no images through this backend: "
-                             "its completion API has no image input that the Med-RwR prompt can use")
+            raise InputError(self.image_refusal)
         text = "".join(p for p in prompt if isinstance(p, str))
         if not text:
             raise InputError("the prompt is empty")
@@ -380,6 +376,23 @@ class ServerBackend:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _image_refusal(d, url: str) -> str:
+    """Why an image question cannot go through this server, naming what it lacks. The model on the server is
+    the one that should see the image (Med-RwR is a vision-language model); answering without showing it would
+    look like an answer about the image, so the question is refused rather than answered blind."""
+    if isinstance(d, LlamaCppDialect):
+        lacks = ("its /completion takes images only with a text prompt (multimodal_data), not with the token-id "
+                 "prompts --engine sends" if getattr(d, "vision", False) else
+                 "its model has no vision input (no --mmproj), and its /completion takes images only with a text "
+                 "prompt, not with the token-id prompts --engine sends")
+    elif d.server == "vLLM":
+        lacks = "its /v1/completions has no image input (vLLM takes images in chat requests only)"
+    else:
+        lacks = "its /v1/completions has no image input"
+    return (f"the inference server at {url} ({d.server}) cannot be shown images: {lacks}; ask without the image, "
+            "or without --engine (in-process)")
 
 
 def _id_sha256(server: str, model_id: str) -> str:

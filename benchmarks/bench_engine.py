@@ -17,7 +17,8 @@ SmolLM2-135M, 1 thread), measured side by side in one run.
 2. Seconds per answer of the kv shape, in-process vs through the server (same model, 1 thread each), alternating.
 3. `medrwr-edge serve --engine URL` with 8 concurrent clients, `--engine-parallel 1` vs N: answers/s, p95, lost.
 
-    nice -n 10 python benchmarks/bench_engine.py [--rounds 2] [--clients 8] [--parallel 1,8] [--shapes kv,guided,entries]
+    nice -n 10 python benchmarks/bench_engine.py [--rounds 2] [--clients 8] [--parallel 1,8]
+        [--shapes kv,guided,entries] [--skip timing,serve]
 """
 
 from __future__ import annotations

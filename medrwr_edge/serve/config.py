@@ -43,7 +43,8 @@ class ServeConfig:
         if self.keep_reports < 0:
             raise InputError(f"--keep-reports must be at least 0 (got {self.keep_reports})")
         if self.engine_parallel is not None and not 1 <= self.engine_parallel <= MAX_ENGINE_PARALLEL:
-            raise InputError(f"--engine-parallel must be between 1 and {MAX_ENGINE_PARALLEL} (got {self.engine_parallel})")
+            raise InputError(f"--engine-parallel must be between 1 and {MAX_ENGINE_PARALLEL} "
+                             f"(got {self.engine_parallel})")
         if self.max_body_bytes < 1024:
             raise InputError("--max-body-mb is too small")
         if not is_loopback(self.host) and not self.api_key:

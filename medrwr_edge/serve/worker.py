@@ -221,7 +221,8 @@ class AskWorker:
         Only a streaming job gets an event queue (a plain request waits for the record alone)."""
         if not self.accepting:
             raise NotAccepting()
-        if self.queue_depth() + len(self.running) >= self.max_queue + self.parallel:  # max_queue waiting + those answered
+        # max_queue waiting plus the `parallel` being answered
+        if self.queue_depth() + len(self.running) >= self.max_queue + self.parallel:
             self.counters.rejected_queue_full += 1
             raise QueueFull(self.retry_after())
         ahead = self.queue_depth() + (len(self.running) if len(self.running) >= self.parallel else 0)

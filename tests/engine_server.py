@@ -124,11 +124,15 @@ class LlamaCppPythonServer:
 
 class FaultProxy:
     """A loopback TCP proxy in front of a real server. `delay_s`: each chunk of the server's reply is held this
-    long. `cut_after`: a streamed completion's reply is cut (both sockets closed) after this many bytes."""
+    long. `cut_after`: a streamed completion's reply is cut (both sockets closed) after this many bytes.
+    `hang = True` (at any time): requests are swallowed, never forwarded, never answered (a hung server, also on
+    connections already open). `kill()`: the port goes dead: listener and every open connection closed."""
 
     def __init__(self, upstream_port: int, delay_s: float = 0.0, cut_after: int | None = None):
         self.upstream_port, self.delay_s, self.cut_after = upstream_port, delay_s, cut_after
         self.cuts = 0
+        self.hang = False
+        self._open: list[socket.socket] = []
         self._srv = socket.socket()
         self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._srv.bind(("127.0.0.1", 0))
@@ -152,6 +156,7 @@ class FaultProxy:
         except OSError:
             client.close()
             return
+        self._open += [client, upstream]
         state = {"streaming": False}
 
         def pump_up():
@@ -160,6 +165,8 @@ class FaultProxy:
                     data = client.recv(65536)
                     if not data:
                         break
+                    if self.hang:
+                        continue
                     state["streaming"] = state["streaming"] or b'"stream":true' in data.replace(b" ", b"")
                     upstream.sendall(data)
             except OSError:
@@ -192,4 +199,17 @@ class FaultProxy:
 
     def close(self) -> None:
         self._stop = True
+        try:
+            self._srv.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(): only then is the port really closed
+        except OSError:
+            pass
         self._srv.close()
+
+    def kill(self) -> None:
+        self.close()
+        for s in self._open:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()

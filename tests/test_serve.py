@@ -30,6 +30,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installe
 from conftest import NetworkAccessError  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from medrwr_edge.errors import InputError  # noqa: E402
 from medrwr_edge.runtime.api import AskSettings, Session  # noqa: E402
 from medrwr_edge.runtime.scripted_backend import ScriptedBackend  # noqa: E402
 from medrwr_edge.serve import ServeConfig, create_app  # noqa: E402
@@ -203,6 +204,15 @@ def test_models_health_openapi_and_page(client):
     assert page.status_code == 200 and "<script>" in page.text
     csp = page.headers["content-security-policy"]
     assert "script-src 'sha256-" in csp and "default-src 'none'" in csp and "http" not in page.text.split("<body")[1]
+
+
+def test_in_process_model_is_one_worker_whatever_engine_parallel_says():
+    """--engine-parallel is for a model on an inference server; in-process one context decodes one question."""
+    with TestClient(create_app(scripted_factory(), ServeConfig(engine_parallel=4))) as c:
+        assert c.get("/v1/health").json()["parallel"] == 1
+        assert c.post("/v1/ask", data={"question": "Which code?", "options": OPTIONS}).status_code == 200
+    with pytest.raises(InputError, match="--engine-parallel must be between 1 and 64"):
+        ServeConfig(engine_parallel=0).check()
 
 
 def test_packs_endpoint_and_pack_selection(small_icd_pack):

@@ -8,6 +8,8 @@ streamed logprobs). The C++ llama.cpp server dialect is implemented from its doc
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -350,3 +352,110 @@ def test_replay_through_the_server_compares_like_with_like(engine, smoke_gguf, s
     rec["model"]["engine"]["model_id"] = "some-other-model"
     with pytest.raises(IntegrityError, match="not the same model"):
         replay(rec)
+
+
+def test_serve_maps_engine_faults_to_504_and_502_and_logs_nothing(engine, small_icd_pack, medrwr_home):
+    """Through `serve`: an engine that hangs -> 504 naming the timeout; an engine whose port went dead -> 502
+    naming the server; one JSON line each, the same in a stream's error event, and nothing in the answer log."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from cli_harness import snapshot
+    from medrwr_edge.runtime.api import AskSettings, Session
+    from medrwr_edge.serve import ServeConfig, create_app
+
+    proxy = FaultProxy(engine.port)
+    settings = AskSettings(engine=proxy.url, engine_timeout=1.0, max_tokens=16, n_ctx=4096, protocol="native")
+    ask_form = {"question": QUESTION, "options": OPTIONS}
+    try:
+        with TestClient(create_app(lambda: Session(packs=[str(small_icd_pack)], image_pack=False,
+                                                   settings=settings), ServeConfig(log_answers=True))) as c:
+            proxy.hang = True  # the server accepts and never answers
+            r = c.post("/v1/ask", data=ask_form)
+            assert r.status_code == 504, r.text
+            err = r.json()["error"]
+            assert err["type"] == "engine_timeout" and "did not answer in time" in err["message"]
+            assert proxy.url in err["message"] and "\n" not in err["message"]
+            with c.stream("POST", "/v1/ask", data={**ask_form, "stream": "true"}) as s:
+                events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+            assert events[-1]["error"]["type"] == "engine_timeout" and events[-1]["error"]["status"] == 504
+            proxy.kill()  # the port is dead now: nothing listens, open connections are gone
+            r = c.post("/v1/ask", data=ask_form)
+            assert r.status_code == 502, r.text
+            err = r.json()["error"]
+            assert err["type"] == "engine_error" and proxy.url in err["message"], err
+            health = c.get("/v1/health").json()
+            assert health["failed"] == 3 and health["completed"] == 0
+    finally:
+        proxy.kill()
+    assert not any("log" in p for p in snapshot(medrwr_home)), snapshot(medrwr_home)
+
+
+QUESTIONS = [QUESTION, "Which diagnosis fits sudden pleuritic chest pain with absent breath sounds on one side?",
+             "Which diagnosis fits a chronic cough with daily purulent sputum and dilated bronchi on CT?"]
+
+
+def test_serve_engine_parallel_answers_at_once_and_keeps_records_apart(engine, small_icd_pack, medrwr_home):
+    """`engine_parallel=3`: three workers, each its own ServerBackend sequence. Three different questions sent at
+    once are all answered (none lost), each record is its own question's, and equals the answer one worker gives
+    to the same question alone (temperature 0). llama-cpp-python's server decodes one request at a time and keeps
+    one cache, so here the workers interleave on it (the benchmark measures what that costs)."""
+    pytest.importorskip("fastapi")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from medrwr_edge.runtime.api import AskSettings, Session
+    from medrwr_edge.serve import ServeConfig, create_app
+
+    settings = AskSettings(engine=engine.url, max_tokens=24, n_ctx=4096, protocol="native")
+
+    def factory():
+        return Session(packs=[str(small_icd_pack)], image_pack=False, settings=settings)
+
+    def ask(c, q):
+        r = c.post("/v1/ask", data={"question": q, "options": OPTIONS})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with TestClient(create_app(factory, ServeConfig())) as c:
+        assert c.get("/v1/health").json()["parallel"] == 1  # llama-cpp-python names no slots: 1 by default
+        alone = [ask(c, q) for q in QUESTIONS]
+    with TestClient(create_app(factory, ServeConfig(engine_parallel=3))) as c:
+        assert c.get("/v1/health").json()["parallel"] == 3
+        peak, done = [0], threading.Event()
+
+        def watch():  # how many questions serve had in flight at once
+            while not done.is_set():
+                peak[0] = max(peak[0], c.get("/v1/health").json()["in_flight"])
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda q: ask(c, q), QUESTIONS))
+        done.set()
+        watcher.join()
+        health = c.get("/v1/health").json()
+    assert peak[0] == 3 and health["completed"] == 3 and health["failed"] == 0
+    for q, a, b in zip(QUESTIONS, alone, together):
+        assert b["question"] == q
+        assert _comparable(b) == _comparable(a)
+        assert len(b["model"]["engine"]["requests"]) == len(b["passes"])  # its own requests only
+
+
+def test_an_image_question_through_the_server_is_refused_in_one_line(engine, small_icd_pack, tmp_path):
+    """The model on the server should see the image; llama-cpp-python's /v1/completions cannot carry one, so the
+    question is refused (one `error:` line naming what the server lacks, exit 2, nothing logged), not answered
+    blind."""
+    from cli_harness import installed_models_dir, private_home, run_cli, snapshot, text, write_phantom_pngs
+
+    image = write_phantom_pngs(tmp_path / "img", 1)[0]
+    home = private_home(tmp_path, installed_models_dir())
+    res = run_cli(["ask", str(image), QUESTION, *sum((["-o", o] for o in OPTIONS), []), "-p", str(small_icd_pack),
+                   "--engine", engine.url], home)
+    err = [ln for ln in text(res.stderr).splitlines() if ln.strip()]
+    assert res.returncode == 2 and not text(res.stdout).strip() and len(err) == 1, err
+    assert err[0].startswith(f"error: the inference server at {engine.url} (llama-cpp-python) cannot be shown images")
+    assert "/v1/completions has no image input" in err[0] and "Traceback" not in text(res.stderr)
+    assert not any("log" in p for p in snapshot(home)), snapshot(home)

@@ -145,6 +145,8 @@ class Session:
         prepared = (image if isinstance(image, PreparedImages)
                     else PreparedImages.for_settings(image, settings))
         images, image_records = prepared.images, prepared.records
+        if images and getattr(self.backend, "image_refusal", None):  # an inference server that cannot see them
+            raise InputError(self.backend.image_refusal)
 
         from .retrieval import PackImageRetriever
 

@@ -22,12 +22,13 @@ loop's. Each request records the prompt length as the server counted it (`reques
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
-from ..errors import InputError, ModelError
+from ..errors import InputError
 from .backend import BackendInfo, BackendStats, Generation, GeneratedToken, ImageInput, PromptPart, SamplingSettings
 from .engine_dialects import (  # noqa: F401 - EngineError/EngineTimeout are part of this module's API
     EngineError,
@@ -80,6 +81,7 @@ class ServerBackend:
         self.cache_prompt = cache_prompt
         self.slot = slot
         self.timeout = timeout
+        self._api_key = api_key
         self.http = EngineHTTP(self.url, timeout, api_key)
         try:
             self._dialect = probe(self.http, cache_prompt, slot)
@@ -97,10 +99,6 @@ class ServerBackend:
         if not d.token_prompts:
             notes.append(f"the inference server ({d.server}) takes text prompts only: it re-tokenizes the sequence "
                          "each pass, so exact identity with the in-process backend cannot be promised")
-        if getattr(d, "vision", False):
-            notes.append("the llama.cpp server's model takes images (--mmproj), but /completion carries them only with "
-                         "a text prompt (multimodal_data), not with the token-id prompts this backend sends: images "
-                         "are not shown to the model through --engine")
         if not d.cache_counters:
             notes.append(f"the inference server ({d.server}) does not report prompt tokens served from its cache")
         model_id = getattr(d, "model_id", "") or getattr(d, "model_path", "").rsplit("/", 1)[-1]
@@ -113,12 +111,32 @@ class ServerBackend:
             else "openai", server=d.server, model_id=model_id, token_prompts=d.token_prompts,
             cache_counters=d.cache_counters,
         )
+        self.image_refusal = _image_refusal(d, self.info.url)  # Session.ask refuses an image question with it
         self.stats = BackendStats()
         self.requests: list[dict] = []  # one entry per completion request of the current sequence
         self._segs: list[_Segment] = []
         self._n = 0
 
-    # ---- HTTP ------------------------------------------------------------------------------------------
+    # ---- several sequences on one server (serve's workers) -----------------------------------------------
+
+    def default_parallel(self) -> int:
+        """How many sequences the server says it decodes at once: a llama.cpp server's slots (`--parallel`); 1
+        where the server does not say (vLLM batches whatever it is sent: choose `--engine-parallel` there)."""
+        return max(1, int(getattr(self._dialect, "total_slots", 1)))
+
+    def sibling(self, slot: Optional[int] = None) -> "ServerBackend":
+        """Another, independent sequence on the same server (one per `serve` worker): its own connection and
+        record, the probe's findings reused. `slot`: a llama.cpp server slot (`id_slot`), so that each worker's
+        prefix stays cached in its own slot; ignored by servers without slots."""
+        twin = copy.copy(self)
+        twin.http = EngineHTTP(self.url, self.timeout, self._api_key)
+        twin._dialect = copy.copy(self._dialect)
+        twin._dialect.http = twin.http
+        if isinstance(twin._dialect, LlamaCppDialect):
+            twin._dialect.slot = twin.slot = slot
+        twin.info = copy.deepcopy(self.info)
+        twin.reset()
+        return twin
 
     # ---- the sequence ----------------------------------------------------------------------------------
 
@@ -151,8 +169,7 @@ class ServerBackend:
         if isinstance(prompt, str):
             prompt = [prompt]
         if any(isinstance(p, ImageInput) for p in prompt):
-            raise ModelError(f"the inference server ({self._dialect.server}) takes no images through this backend: "
-                             "its completion API has no image input that the Med-RwR prompt can use")
+            raise InputError(self.image_refusal)
         text = "".join(p for p in prompt if isinstance(p, str))
         if not text:
             raise InputError("the prompt is empty")
@@ -345,6 +362,7 @@ class ServerBackend:
         return {
             "url": info.url, "dialect": info.dialect, "server": info.server, "model_id": info.model_id,
             "token_prompts": info.token_prompts, "cache_prompt": self.cache_prompt,
+            **({"slot": self.slot} if self.slot is not None else {}),
             "model_sha256_of": "the model id the server reports (the server does not expose its weights' hash)",
             "requests": [dict(r) for r in self.requests],
             "prompt_tokens_computed": sum(computed) if computed and None not in computed else None,
@@ -358,6 +376,23 @@ class ServerBackend:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _image_refusal(d, url: str) -> str:
+    """Why an image question cannot go through this server, naming what it lacks. The model on the server is
+    the one that should see the image (Med-RwR is a vision-language model); answering without showing it would
+    look like an answer about the image, so the question is refused rather than answered blind."""
+    if isinstance(d, LlamaCppDialect):
+        lacks = ("its /completion takes images only with a text prompt (multimodal_data), not with the token-id "
+                 "prompts --engine sends" if getattr(d, "vision", False) else
+                 "its model has no vision input (no --mmproj), and its /completion takes images only with a text "
+                 "prompt, not with the token-id prompts --engine sends")
+    elif d.server == "vLLM":
+        lacks = "its /v1/completions has no image input (vLLM takes images in chat requests only)"
+    else:
+        lacks = "its /v1/completions has no image input"
+    return (f"the inference server at {url} ({d.server}) cannot be shown images: {lacks}; ask without the image, "
+            "or without --engine (in-process)")
 
 
 def _id_sha256(server: str, model_id: str) -> str:

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import InputError, MedrwrError
+from ..runtime.engine_dialects import EngineError, EngineTimeout
 from . import openai_compat as oai
 from .config import ServeConfig
 from .middleware import ApiKeyAuth, BodyLimit, RequestLog
@@ -51,13 +52,13 @@ def create_app(session_factory: Callable[[], Any], config: Optional[ServeConfig]
     """`session_factory()` builds the Session (model + packs); it runs once, in the worker thread, at startup."""
     config = config or ServeConfig()
     worker = AskWorker(session_factory, max_queue=config.max_queue, keep_reports=config.keep_reports,
-                       log_answers=config.log_answers)
+                       log_answers=config.log_answers, engine_parallel=config.engine_parallel)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await worker.start()
-        log.info("ready: model %s, %d text pack(s), queue of %d", _model_name(worker), len(worker.text_pack_names()),
-                 config.max_queue)
+        log.info("ready: model %s, %d text pack(s), queue of %d, %d question(s) at a time", _model_name(worker),
+                 len(worker.text_pack_names()), config.max_queue, worker.parallel)
         try:
             yield
         finally:
@@ -83,6 +84,8 @@ def create_app(session_factory: Callable[[], Any], config: Optional[ServeConfig]
     async def _medrwr_error(request: Request, exc: MedrwrError):
         if isinstance(exc, InputError):
             return _error(400, str(exc), "invalid_request_error")
+        if isinstance(exc, EngineError):
+            return _error(*_engine_fault(exc))
         return _error(500, str(exc), "server_error")
 
     @app.exception_handler(QueueFull)
@@ -303,7 +306,8 @@ def create_app(session_factory: Callable[[], Any], config: Optional[ServeConfig]
             "status": "ok" if worker.accepting else "shutting_down",
             "model": _model_name(worker) if worker.session is not None else None,
             "queue_depth": worker.queue_depth(),
-            "in_flight": 1 if worker.current is not None else 0,
+            "in_flight": len(worker.running),
+            "parallel": worker.parallel,
             "max_queue": worker.max_queue,
             "accepted": c.accepted, "completed": c.completed, "failed": c.failed, "cancelled": c.cancelled,
             "rejected_queue_full": c.rejected_queue_full,
@@ -356,9 +360,20 @@ def _error_body(exc: BaseException) -> dict:
         return {"error": {"message": str(exc), "type": "cancelled"}}
     if isinstance(exc, InputError):
         return {"error": {"message": str(exc), "type": "invalid_request_error"}}
+    if isinstance(exc, EngineError):  # the status line was sent already (200): the status the error would have had
+        status, message, kind = _engine_fault(exc)
+        return {"error": {"message": message, "type": kind, "status": status}}
     if isinstance(exc, MedrwrError):
         return {"error": {"message": str(exc), "type": "server_error"}}
     return {"error": {"message": "internal error (see the server log)", "type": "server_error"}}
+
+
+def _engine_fault(exc: EngineError) -> tuple[int, str, str]:
+    """A fault of the inference server behind `--engine` is an upstream's, not ours: 504 when it did not answer
+    within --engine-timeout, 502 when it is unreachable, refused the request, broke off or sent a bad reply."""
+    if isinstance(exc, EngineTimeout):
+        return 504, str(exc), "engine_timeout"
+    return 502, str(exc), "engine_error"
 
 
 def _model_name(worker: AskWorker) -> str:

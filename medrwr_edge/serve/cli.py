@@ -38,6 +38,9 @@ def serve_command(
                                          "vLLM) that generates the tokens; packs, evidence and logs stay here"),
     engine_timeout: float = typer.Option(120.0, "--engine-timeout", help="seconds without a byte from --engine "
                                          "before a request is given up"),
+    engine_parallel: Optional[int] = typer.Option(None, "--engine-parallel", help="with --engine: questions answered "
+                                                  "at once, each on its own server sequence (default: the server's "
+                                                  "slots where it says, else 1)"),
 ) -> None:
     from ..errors import InputError
     from .config import ServeConfig, read_api_key
@@ -46,7 +49,10 @@ def serve_command(
         host=host, port=port, max_queue=max_queue, cors_origins=list(cors_origin or []),
         max_body_bytes=int(max_body_mb * 1024 * 1024), shutdown_timeout=shutdown_timeout, keep_reports=keep_reports,
         api_key=read_api_key(api_key_file) if api_key_file else None, log_answers=not no_log,
+        engine_parallel=engine_parallel,
     )
+    if engine_parallel is not None and not engine:
+        raise InputError("--engine-parallel needs --engine: in-process the model decodes one question at a time")
     config.check()  # before loading anything: a refused bind costs nothing
     try:
         import uvicorn

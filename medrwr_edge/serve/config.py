@@ -15,6 +15,7 @@ from typing import Optional
 from ..errors import InputError
 
 MIN_API_KEY_CHARS = 16
+MAX_ENGINE_PARALLEL = 64
 
 
 @dataclass
@@ -30,6 +31,9 @@ class ServeConfig:
     keep_reports: int = 32  # finished requests whose HTML report stays available at /v1/reports/{id}
     max_tokens_limit: int = 2048  # the most a request may ask for per generation pass
     log_answers: bool = False  # append each answer to the local answer log (command "api"); the CLI turns it on
+    # With --engine: questions answered at once, each on its own server sequence (None: the server's slots, else 1).
+    # In-process the model decodes one sequence: always 1.
+    engine_parallel: Optional[int] = None
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -38,6 +42,9 @@ class ServeConfig:
             raise InputError(f"--max-queue must be at least 0 (got {self.max_queue})")
         if self.keep_reports < 0:
             raise InputError(f"--keep-reports must be at least 0 (got {self.keep_reports})")
+        if self.engine_parallel is not None and not 1 <= self.engine_parallel <= MAX_ENGINE_PARALLEL:
+            raise InputError(f"--engine-parallel must be between 1 and {MAX_ENGINE_PARALLEL} "
+                             f"(got {self.engine_parallel})")
         if self.max_body_bytes < 1024:
             raise InputError("--max-body-mb is too small")
         if not is_loopback(self.host) and not self.api_key:

@@ -1,8 +1,13 @@
-"""One loaded model, many clients: a bounded queue in front of a single worker thread that owns the Session.
+"""One loaded model, many clients: a bounded queue in front of worker threads that each own a Session.
 
 `Session` answers one question at a time, and one llama.cpp context decodes one sequence, so requests wait in an
 asyncio queue (bounded: a full queue is refused at once with a Retry-After estimate, never silently delayed) and
 one thread answers them in order. The loop's events travel back to the request's handler through the event loop.
+
+With the model on an inference server (`--engine`) nothing here holds a decoding context, so N workers
+(`--engine-parallel`, default: the server's slots, else 1) answer N questions at once, each with its own
+`ServerBackend` sequence (and, on a llama.cpp server, its own slot, so its prefix stays cached there) over the
+same open packs. In-process there is exactly one worker, as before.
 
 Sharing: the packs (and, through kb_pack.pack, their encoders) are opened once, by the main Session; a request
 for a subset of them gets a view over the same open Pack objects and the same model, never a second copy.
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import InputError, MedrwrError
+from ..runtime.engine_dialects import EngineError
 
 log = logging.getLogger("medrwr_edge.serve")
 
@@ -98,17 +104,19 @@ class AskWorker:
     """Owns the Session (built by `session_factory` in the worker thread) and answers queued jobs in order."""
 
     def __init__(self, session_factory: Callable[[], Any], max_queue: int = 8, keep_reports: int = 32,
-                 log_answers: bool = False):
+                 log_answers: bool = False, engine_parallel: Optional[int] = None):
         self._factory = session_factory
         self.log_answers = log_answers
         self.max_queue = max_queue
         self._keep_reports = keep_reports
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medrwr-serve-worker")
+        self._engine_parallel = engine_parallel  # None: what the inference server says (its slots), else 1
+        self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="medrwr-serve-worker")]
         self._queue: Optional[asyncio.Queue] = None
-        self._task: Optional[asyncio.Task] = None
+        self._tasks: list[asyncio.Task] = []
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self.session = None
-        self.current: Optional[AskJob] = None
+        self.session = None  # the main Session: loaded model info and packs; worker 0's unless the workers are copies
+        self._sessions: list = []  # one per worker
+        self.running: list[AskJob] = []  # being answered (AskJob is unhashable: a list, removed by identity)
         self.accepting = False
         self.counters = Counters()
         self.reports: OrderedDict[str, str] = OrderedDict()
@@ -117,15 +125,50 @@ class AskWorker:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
-        self.session = await self._loop.run_in_executor(self._executor, self._factory)
-        self._task = asyncio.create_task(self._run(), name="medrwr-serve-worker")
+        self.session = await self._loop.run_in_executor(self._executors[0], self._factory)
+        self._sessions = await self._loop.run_in_executor(self._executors[0], self._worker_sessions)
+        self._executors += [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"medrwr-serve-worker-{i}")
+                            for i in range(1, len(self._sessions))]
+        self._tasks = [asyncio.create_task(self._run(i), name=f"medrwr-serve-worker-{i}")
+                       for i in range(len(self._sessions))]
         self.accepting = True
+
+    def _worker_sessions(self) -> list:
+        """The main Session alone (in-process, or one engine worker); else one copy per worker over the same open
+        packs, each with its own sequence on the server (a llama.cpp server: worker i on slot i mod slots)."""
+        backend = self.session.backend
+        if not hasattr(backend, "sibling"):
+            return [self.session]
+        n = self._engine_parallel or backend.default_parallel()
+        if n == 1:
+            return [self.session]
+        slots = backend.default_parallel()
+        sessions = []
+        try:
+            for i in range(n):
+                view = copy.copy(self.session)
+                view.backend = backend.sibling(slot=i % slots)
+                sessions.append(view)
+        except BaseException:
+            for view in sessions:
+                view.backend.close()
+            raise
+        return sessions
+
+    @property
+    def parallel(self) -> int:
+        return max(1, len(self._sessions))
+
+    @property
+    def current(self) -> Optional[AskJob]:
+        """A job being answered (in-process: the one), or None."""
+        return next(iter(self.running), None)
 
     async def stop(self, timeout: float) -> None:
         """Stop taking requests; let queued and running ones finish for `timeout` seconds, then abort the rest."""
         self.accepting = False
         deadline = time.monotonic() + max(0.0, timeout)
-        while (self.current is not None or (self._queue and not self._queue.empty())) and time.monotonic() < deadline:
+        while (self.running or (self._queue and not self._queue.empty())) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         aborted = 0
         while self._queue is not None and not self._queue.empty():
@@ -133,22 +176,30 @@ class AskWorker:
             job.cancel()
             self._finish(job, error=RequestCancelled("the server shut down before this request ran"))
             aborted += 1
-        if self.current is not None:
-            self.current.cancel()
+        for job in list(self.running):
+            job.cancel()
             aborted += 1
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
-        # Waits for a running answer to reach its next event (it raises RequestCancelled there), then closes.
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_sessions)
-        self._executor.shutdown(wait=True)
+        # Each waits for its running answer to reach its next event (it raises RequestCancelled there), then closes
+        # its own server sequence; the main Session (packs, model) goes last, when no worker can read it.
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(ex, self._close_copy, i) for i, ex in enumerate(self._executors)))
+        await loop.run_in_executor(self._executors[0], self._close_main)
+        for ex in self._executors:
+            ex.shutdown(wait=True)
         if aborted:
             log.info("shutdown: %d request(s) aborted after %.0f s", aborted, timeout)
 
-    def _close_sessions(self) -> None:
+    def _close_copy(self, i: int) -> None:
+        if i < len(self._sessions) and self._sessions[i] is not self.session:
+            self._sessions[i].backend.close()  # a copy owns only its own server sequence
+
+    def _close_main(self) -> None:
         if self.session is not None:
             self.session.close()
             self.session = None
@@ -162,7 +213,7 @@ class AskWorker:
 
     def retry_after(self) -> int:
         per = self.counters.service_seconds_ewma or 5.0
-        return max(1, min(600, math.ceil(per * (self.queue_depth() + 1))))
+        return max(1, min(600, math.ceil(per * math.ceil((self.queue_depth() + 1) / self.parallel))))
 
     # ------------------------------------------------------------------ submitting
     def submit(self, job: AskJob, streaming: bool = False) -> int:
@@ -170,10 +221,11 @@ class AskWorker:
         Only a streaming job gets an event queue (a plain request waits for the record alone)."""
         if not self.accepting:
             raise NotAccepting()
-        ahead = self.queue_depth() + (1 if self.current is not None else 0)
-        if ahead >= self.max_queue + 1:  # max_queue waiting plus the one being answered
+        # max_queue waiting plus the `parallel` being answered
+        if self.queue_depth() + len(self.running) >= self.max_queue + self.parallel:
             self.counters.rejected_queue_full += 1
             raise QueueFull(self.retry_after())
+        ahead = self.queue_depth() + (len(self.running) if len(self.running) >= self.parallel else 0)
         job.events = asyncio.Queue() if streaming else None
         job.future = self._loop.create_future()
         self.counters.accepted += 1
@@ -181,17 +233,17 @@ class AskWorker:
         return ahead
 
     # ------------------------------------------------------------------ the worker
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _run(self, i: int) -> None:
+        """Worker i: takes the next queued job and answers it with its own Session, in its own thread."""
         while True:
             job = await self._queue.get()
             if job.cancelled.is_set():
                 self._finish(job, error=RequestCancelled("cancelled while queued"))
                 continue
-            self.current = job
+            self.running.append(job)
             job.started_at = time.monotonic()
             self._emit(job, "started", {"type": "started", "request_id": job.request_id})
-            running: Future = self._executor.submit(self._answer, job)
+            running: Future = self._executors[i].submit(self._answer, job, self._sessions[i])
             # Done (answered, failed, or never run because the executor shut down): only then can nothing read
             # the uploads any more, whatever happened to this task meanwhile.
             running.add_done_callback(lambda _f, job=job: _remove_uploads(job))
@@ -199,24 +251,27 @@ class AskWorker:
                 result = await asyncio.shield(asyncio.wrap_future(running))
             except asyncio.CancelledError:
                 job.cancel()  # the worker task itself is being stopped (shutdown)
-                self.current = None
+                self._done_running(job)
                 self._finish(job, error=RequestCancelled("the server shut down"))
                 raise
             except BaseException as e:  # noqa: BLE001 - reported to the client as an error
-                self.current = None
+                self._done_running(job)
                 self._finish(job, error=e)
                 continue
-            self.current = None
+            self._done_running(job)
             seconds = time.monotonic() - job.started_at
             c = self.counters
             c.service_seconds_ewma = seconds if c.service_seconds_ewma is None else 0.7 * c.service_seconds_ewma + 0.3 * seconds
             self._finish(job, result=result)
 
-    def _answer(self, job: AskJob):
-        """In the worker thread: answer one question; render its report while the uploads still exist."""
+    def _done_running(self, job: AskJob) -> None:
+        self.running = [j for j in self.running if j is not job]
+
+    def _answer(self, job: AskJob, worker_session):
+        """In a worker's thread: answer one question; render its report while the uploads still exist."""
         if job.cancelled.is_set():
             raise RequestCancelled("cancelled")
-        session = self._session_for(job.packs)
+        session = self._session_for(worker_session, job.packs)
         sink = _Sink(job, self._emit)
         record = session.ask(job.images, job.question, job.options or None, on_event=sink, **job.overrides)
         if self.log_answers:
@@ -228,11 +283,10 @@ class AskWorker:
             report = render_report(record, images=job.image_paths)
         return record.to_dict(), report
 
-    def _session_for(self, packs: Optional[list[str]]):
-        main = self.session
+    def _session_for(self, session, packs: Optional[list[str]]):
         if packs is None or list(packs) == self.text_pack_names():
-            return main
-        return _pack_subset(main, packs)
+            return session
+        return _pack_subset(session, packs)
 
     def _emit(self, job: AskJob, kind: str, payload) -> None:
         """Thread-safe: hand an event to the request's handler on the event loop."""
@@ -254,7 +308,9 @@ class AskWorker:
             error = RequestCancelled(str(error) if isinstance(error, RequestCancelled) else "cancelled")
         else:
             c.failed += 1
-            if not isinstance(error, MedrwrError):
+            if isinstance(error, EngineError):  # the operator's clue to a 502/504 (the type only, no content)
+                log.warning("request %s: inference server fault (%s)", job.request_id, type(error).__name__)
+            elif not isinstance(error, MedrwrError):
                 # Only the type: an exception's text could quote the question or a DICOM tag.
                 log.error("request %s failed: %s", job.request_id, type(error).__name__)
                 error = InternalFault("internal error (see the server log)")

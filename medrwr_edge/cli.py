@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from .errors import MedrwrError
+from .errors import MedrwrError, SettingError
 from .offline import apply_offline_defaults
 
 apply_offline_defaults()  # before any sub-command imports a library that could reach a network
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(code, int) and not isinstance(code, bool) and code:
             sys.exit(code)
     except MedrwrError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_worded(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -82,6 +82,15 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
             sys.exit(e.exit_code)
         raise
+
+
+def _worded(error: MedrwrError) -> str:
+    """The error in the command line's words: a setting is named by its flag (--threshold, not cdir_threshold)."""
+    if isinstance(error, SettingError):
+        from .runtime.cli_options import flag
+
+        return error.worded(flag)
+    return str(error)
 
 
 def _click_exception_types() -> tuple[tuple, tuple]:

@@ -214,8 +214,8 @@ def replay(
         raise InputError(f"the record has settings this medrwr-edge does not know ({', '.join(unknown)}); "
                          "replay it with the version that made it")
     settings = AskSettings(**rec.settings)
-    if engine is not None:
-        settings.engine = engine  # the record's server moved, or an in-process record is replayed on a server
+    if engine is not None:  # the record's server moved, or an in-process record is replayed on a server
+        settings = settings.replace(engine=engine)
 
     verified = verify_images(rec, images)
     model_path, line = verify_model(rec, model, backend)

@@ -34,7 +34,6 @@ questions, CDIR is off for chat answers, and the record says the image was not s
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime as _dt
 import json
@@ -48,9 +47,10 @@ from typing import Optional, Sequence, Union
 from .. import __version__
 from ..errors import InputError, MedrwrError
 from . import protocol as P
-from .api import AskSettings, PreparedImages, Session, _check_question, _model_record
+from .api import PreparedImages, Session, _model_record
 from .backend import BackendStats, ImageInput, PromptPart, SamplingSettings
 from .loop import EventSink, MedRwRLoop, TextRetriever
+from .settings import AskSettings, check_text
 from .steps import Answer, EvidenceRecord, Query, RetrievedDoc, Retrieve, Step
 
 CHAT_SCHEMA = "medrwr-edge/chat/1"
@@ -161,8 +161,8 @@ class Chat:
         limits: Optional[ChatLimits] = None,
         history: Optional[str] = None,
     ):
-        settings = copy.copy(settings) if settings is not None else AskSettings()
-        settings.cdir = False  # chat answers are open-ended; ask keeps CDIR off for those too
+        # chat answers are open-ended; ask keeps CDIR off for those too
+        settings = (settings or AskSettings()).replace(cdir=False)
         if retriever is not None and packs is None:
             packs = []
         self.session = Session(packs=packs, image_pack=False, model=model, settings=settings, backend=backend,
@@ -189,7 +189,7 @@ class Chat:
     def send(self, text: str, image=None, on_event: Optional[EventSink] = None) -> ChatTurn:
         """Distil the dialogue into a query, retrieve, append the message and generate the reply."""
         emit = on_event or (lambda kind, payload: None)
-        text = _check_question(text)
+        text = check_text(text)
         prepared = image if isinstance(image, PreparedImages) else PreparedImages.load(image)
         be, cfg = self.backend, self._loop.config
         t0 = time.perf_counter()

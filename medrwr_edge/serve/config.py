@@ -31,6 +31,11 @@ class ServeConfig:
     max_tokens_limit: int = 2048  # the most a request may ask for per generation pass
     log_answers: bool = False  # append each answer to the local answer log (command "api"); the CLI turns it on
 
+    @classmethod
+    def from_options(cls, **options) -> "ServeConfig":
+        """The defaults changed by the options the user set; None means unset."""
+        return cls(**{k: v for k, v in options.items() if v is not None})
+
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
             raise InputError(f"--port must be between 0 and 65535 (got {self.port})")

@@ -85,7 +85,7 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, small_icd_pack):
 
 
 def test_corrupt_model_files_are_refused_before_loading(tmp_path):
-    from medrwr_edge.runtime.api import load_backend
+    from medrwr_edge.runtime.backends import load_backend
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"NOTGGUF" + b"\0" * 4096)
@@ -101,7 +101,7 @@ def test_corrupt_model_files_are_refused_before_loading(tmp_path):
 
 @pytest.mark.real_model
 def test_truncated_real_gguf_is_refused(tmp_path, smoke_gguf):
-    from medrwr_edge.runtime.api import load_backend
+    from medrwr_edge.runtime.backends import load_backend
 
     cut = tmp_path / "cut.gguf"
     with open(smoke_gguf, "rb") as f:

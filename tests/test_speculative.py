@@ -261,8 +261,8 @@ def test_settings_resolve_to_backend_arguments():
 
 @pytest.mark.real_model
 def test_auto_is_plain_decoding_on_cpu_and_the_record_says_so(gguf):
-    from medrwr_edge.runtime.api import _model_record
+    from medrwr_edge.runtime.backends import model_record
 
     with LlamaTextBackend(str(gguf), n_ctx=256, n_threads=1, sha256="0" * 64, speculative="auto") as b:
         assert b.speculative == "off"
-        assert _model_record(b)["speculative"] == {"mode": "off", "requested": "auto"}
+        assert model_record(b)["speculative"] == {"mode": "off", "requested": "auto"}

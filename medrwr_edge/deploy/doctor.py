@@ -295,7 +295,7 @@ def measure_image_encode(encoder_dir: Optional[Path] = None, repeats: int = 3) -
 def measure_search(pack: Optional[str] = None, repeats: int = 3) -> Optional[dict]:
     """Seconds for one hybrid search (query embedding included) of the installed default text pack, or `pack`."""
     from ..kb_pack.pack import Pack, resolve_pack_path
-    from ..runtime.api import DEFAULT_TEXT_PACK
+    from ..kb_pack.opening import DEFAULT_TEXT_PACK
 
     path = resolve_pack_path(pack or DEFAULT_TEXT_PACK)
     if not path.is_dir():
@@ -356,7 +356,8 @@ def check_prediction(model_path: Path, llm: dict, prediction: dict, image_encode
                      search_ms: Optional[float], packs: Optional[list[str]] = None, max_tokens: int = 512,
                      n_threads: Optional[int] = None) -> dict:
     """Run one real `ask` (the typical question, greedy) and compare its time with both predictions."""
-    from ..runtime.api import DEFAULT_TEXT_PACK, AskSettings, Session
+    from ..kb_pack.opening import DEFAULT_TEXT_PACK
+    from ..runtime.api import AskSettings, Session
 
     use_packs = packs if packs else ([DEFAULT_TEXT_PACK] if (packs_dir() / DEFAULT_TEXT_PACK).is_dir() else [])
     settings = AskSettings(max_tokens=max_tokens, n_threads=n_threads or llm["threads"],

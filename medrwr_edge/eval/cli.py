@@ -162,7 +162,8 @@ def eval_command(
 
 
 def _judge(path: str, settings):
-    from ..runtime.api import AskSettings, load_backend
+    from ..runtime.api import AskSettings
+    from ..runtime.backends import load_backend
     from .scoring import LlmJudge
 
     return LlmJudge(load_backend(path, AskSettings(n_ctx=2048, gpu_layers=settings.gpu_layers)))

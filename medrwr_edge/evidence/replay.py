@@ -20,8 +20,7 @@ from typing import Optional, Sequence, Union
 
 from ..errors import InputError, IntegrityError, ModelError
 from ..paths import sha256_file
-from ..runtime.steps import CdirRetrieve, EvidenceRecord, Query, Retrieve
-from .record_io import read_record_json, record_from_dict
+from .record import CdirRetrieve, EvidenceRecord, Query, Retrieve, read_record_json, record_from_dict
 
 PathLike = Union[str, os.PathLike]
 REPLAY_SCHEMA = "medrwr-edge/replay/1"
@@ -235,8 +234,8 @@ def replay(
         notes += engine_notes(rec, session.backend)
         again = session.ask([Path(p) for p in images] or None, rec.question, options or None)
 
-    # A logged record has its study dates cut to the year (evidence/log.py): cut the new run's the same way.
-    from .log import scrub_study_dates
+    # A logged record has its study dates cut to the year (evidence/privacy.py): cut the new run's the same way.
+    from .privacy import scrub_study_dates
 
     identical, divergence, differences = compare(record_from_dict(scrub_study_dates(rec.to_dict())),
                                                  record_from_dict(scrub_study_dates(again.to_dict())))

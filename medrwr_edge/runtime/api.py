@@ -6,20 +6,17 @@ import datetime as _dt
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from .. import __version__
-from ..errors import InputError, MedrwrError, ModelError
+from ..evidence.record import EvidenceRecord
+from ..kb_pack.opening import open_packs
+from . import backends
 from .backend import ImageInput
 from .loop import EventSink, MedRwRLoop
 from .settings import AskSettings, Question
-from .steps import EvidenceRecord
 
-__all__ = ["AskSettings", "Question", "Session", "ask", "PreparedImages", "load_backend"]
-
-DEFAULT_TEXT_PACK = "icd10cm-core"
-DEFAULT_IMAGE_PACK = "reference-images"
+__all__ = ["AskSettings", "Question", "Session", "ask", "PreparedImages"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -42,7 +39,8 @@ class Session:
     ):
         self.settings = settings or AskSettings()  # checked when it was made
         t0 = time.perf_counter()
-        self.text_packs, self.image_pack, self.pack_records = _open_packs(packs, image_pack, self.settings)
+        self.text_packs, self.image_pack, self.pack_records = open_packs(
+            packs, image_pack, retrieval=self.settings.retrieval, cdir=self.settings.cdir)
         self.history_pack = None  # a patient's history (history/store.py), searched beside the text packs
         if history is not None:
             try:
@@ -55,7 +53,7 @@ class Session:
             self.pack_records.insert(len(self.text_packs), history_record)
         self._owns_backend = backend is None
         try:
-            self.backend = backend if backend is not None else load_backend(model, self.settings)
+            self.backend = backend if backend is not None else backends.load_backend(model, self.settings)
         except BaseException:
             self._close_packs()
             raise
@@ -98,7 +96,7 @@ class Session:
             question=q.text,
             options=q.option_dicts(),
             images=image_records,
-            model=_model_record(self.backend),
+            model=backends.model_record(self.backend),
             packs=list(self.pack_records),
             settings=dict(vars(settings)),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -199,122 +197,3 @@ class PreparedImages:
     @classmethod
     def for_settings(cls, image, settings: "AskSettings") -> "PreparedImages":
         return cls.load(image, settings.allow_mixed_modalities, settings.images_are_studies, settings.frame)
-
-
-def _open_packs(packs, image_pack, settings: AskSettings):
-    from ..kb_pack.pack import Pack, resolve_pack_path
-
-    opened, records = [], []
-    use_default_text = packs is None
-    if use_default_text:
-        packs = [DEFAULT_TEXT_PACK] if settings.retrieval else []
-    text_packs = []
-    try:
-        for p in packs:
-            path = resolve_pack_path(p)
-            if use_default_text and not path.exists():
-                raise MedrwrError(
-                    f"the default knowledge pack '{DEFAULT_TEXT_PACK}' is not installed; run `medrwr-edge setup` "
-                    "or give --pack PATH (or --no-retrieval)"
-                )
-            pack = Pack.open(path)
-            opened.append(pack)
-            if pack.kind != "text":
-                raise InputError(f"--pack {p}: {pack.name} is an image pack; give it with --image-pack")
-            text_packs.append(pack)
-            records.append(_pack_record(pack, "knowledge"))
-        image_pack_obj = None
-        if settings.cdir and image_pack is not False:  # False: no image pack, not even the default
-            if image_pack is None:
-                default = resolve_pack_path(DEFAULT_IMAGE_PACK)
-                image_pack = default if default.exists() else None
-            if image_pack is not None:
-                image_pack_obj = Pack.open(resolve_pack_path(image_pack))
-                opened.append(image_pack_obj)
-                if image_pack_obj.kind != "image":
-                    raise InputError(f"--image-pack {image_pack}: {image_pack_obj.name} is not an image pack")
-                records.append(_pack_record(image_pack_obj, "cdir-reference-images"))
-    except BaseException:
-        for pack in opened:
-            pack.close()
-        raise
-    return text_packs, image_pack_obj, records
-
-
-def _pack_record(pack, role: str) -> dict:
-    return {
-        "name": pack.name,
-        "version": pack.version,
-        "kind": pack.kind,
-        "role": role,
-        "doc_count": pack.doc_count,
-        "encoder_sha256": pack.encoder_sha256,
-        "manifest_sha256": pack.manifest.get("manifest_sha256", ""),
-        "path": str(Path(pack.path).resolve()),
-    }
-
-
-def load_backend(model: Optional[PathLike], settings: AskSettings):
-    """The llama.cpp backend for a GGUF file or an installed model name (default: the default LLM), or the
-    inference server at settings.engine."""
-    if settings.engine:
-        if model is not None:
-            raise InputError("--engine generates with the model the server has loaded; --model is for the "
-                             "in-process backend: give one or the other")
-        from .server_backend import ServerBackend
-
-        return ServerBackend(settings.engine, timeout=settings.engine_timeout, n_ctx=settings.n_ctx,
-                             api_key=os.environ.get("MEDRWR_ENGINE_API_KEY") or None)
-    from .. import assets
-    from ..paths import cached_sha256, data_dir
-
-    if model is None:
-        path = assets.default_llm_path()
-    else:
-        path = Path(model)
-        if not path.exists() and os.sep not in str(model):
-            path = assets.installed_path(str(model))  # an installed model's name
-    from ..export.bundle import is_bundle
-
-    if is_bundle(path):  # an exported Med-RwR bundle: GGUF decoder + ONNX vision encoder, hashes checked
-        from .multimodal_backend import load_bundle
-
-        backend = load_bundle(path, n_ctx=settings.n_ctx, gpu_layers=settings.gpu_layers, seed=settings.seed)
-        backend.info.declares_protocol = True  # an exported Med-RwR checkpoint: trained on the protocol
-        return backend
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise ModelError(f"model directory {path} must hold exactly one .gguf file (found {len(ggufs)})")
-        path = ggufs[0]
-    assets.check_gguf(path)
-    from .llama_backend import LlamaTextBackend
-    from .speculative import speculative_args
-
-    return LlamaTextBackend(
-        path,
-        n_ctx=settings.n_ctx,
-        gpu_layers=settings.gpu_layers,
-        seed=settings.seed,
-        n_threads=settings.n_threads,
-        sha256=cached_sha256(path),
-        prefix_cache_dir=str(data_dir() / "prefix-cache") if settings.prefix_cache else None,
-        **speculative_args(settings.speculative, settings.draft_model),
-    )
-
-
-def _model_record(backend) -> dict:
-    info = backend.info
-    return {
-        "name": Path(info.model_path).name,
-        "path": str(Path(info.model_path).resolve()),
-        "sha256": info.model_sha256,
-        "backend": info.name,
-        "has_vision": info.has_vision,
-        "device": info.device,
-        "gpu_layers": info.gpu_layers,
-        "n_ctx": info.n_ctx,
-        "build": info.build,
-        "compute": dict(info.compute),
-        "speculative": backend.speculative_record() if hasattr(backend, "speculative_record") else {"mode": "off"},
-    }

@@ -46,12 +46,13 @@ from typing import Optional, Sequence, Union
 
 from .. import __version__
 from ..errors import InputError, MedrwrError
+from ..evidence.record import Answer, EvidenceRecord, Query, RetrievedDoc, Retrieve, Step
 from . import protocol as P
-from .api import PreparedImages, Session, _model_record
+from .api import PreparedImages, Session
+from .backends import model_record
 from .backend import BackendStats, ImageInput, PromptPart, SamplingSettings
 from .loop import EventSink, MedRwRLoop, TextRetriever
 from .settings import AskSettings, check_text
-from .steps import Answer, EvidenceRecord, Query, RetrievedDoc, Retrieve, Step
 
 CHAT_SCHEMA = "medrwr-edge/chat/1"
 PathLike = Union[str, os.PathLike]
@@ -123,7 +124,7 @@ class ChatTurn:
         return [d for r in self.evidence.retrievals() for d in r.docs]
 
     def to_dict(self) -> dict:
-        from ..evidence.log import scrub_record
+        from ..evidence.privacy import scrub_record
 
         first = next(iter(self.evidence.retrievals()), None)
         return {
@@ -441,7 +442,7 @@ class Chat:
             question=text,
             options=[],
             images=prepared.records,
-            model=_model_record(self.backend),
+            model=model_record(self.backend),
             packs=list(self.session.pack_records),
             settings=dict(vars(self.settings)),
             steps=steps,
@@ -488,7 +489,7 @@ class Chat:
             "schema": CHAT_SCHEMA,
             "created": self.created,
             "medrwr_edge_version": __version__,
-            "model": _model_record(self.backend),
+            "model": model_record(self.backend),
             "packs": list(self.session.pack_records),
             "settings": dict(vars(self.settings)),
             "limits": dataclasses.asdict(self.limits),

@@ -13,7 +13,10 @@ from . import cli_options as O
 
 
 def register(app: typer.Typer) -> None:
+    from . import chat_cli
+
     app.command("ask", help=ASK_HELP, no_args_is_help=True)(ask_command)
+    chat_cli.register(app)
 
 
 ASK_HELP = """Answer a question about a medical image with reasoning-with-retrieval.

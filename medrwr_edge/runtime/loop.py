@@ -30,10 +30,11 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..evidence.record import (Answer, CdirRetrieve, EvidenceRecord, PassStats, Query, RetrievedDoc, Retrieve,
+                               Think)
 from . import protocol as P
 from .backend import Backend, Generation, GeneratedToken, ImageInput, SamplingSettings
 from .settings import AskSettings as _D  # the one owner of defaults
-from .steps import Answer, CdirRetrieve, EvidenceRecord, PassStats, Query, RetrievedDoc, Retrieve, Think
 
 
 @dataclass

@@ -27,11 +27,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+from ..evidence.record import EvidenceRecord, Retrieve
 from ..runtime import protocol as P
 from ..runtime.backend import (BackendInfo, BackendStats, GeneratedToken, Generation, ImageInput, PromptPart,
                                SamplingSettings)
 from ..runtime.loop import LoopConfig, MedRwRLoop
-from ..runtime.steps import EvidenceRecord, Retrieve
 from .data import McqExample
 
 GENERATION_RESERVE_MAX = 512

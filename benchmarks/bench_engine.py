@@ -171,7 +171,7 @@ def main() -> None:
     from medrwr_edge.kb_pack.build import build_text_pack
     from medrwr_edge.kb_pack.encoders import load_encoder
     from medrwr_edge.paths import sha256_file
-    from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+    from medrwr_edge.runtime.llama_backend import LlamaBackend
     from medrwr_edge.runtime.server_backend import ServerBackend
 
     model = assets.smoke_llm_path()
@@ -195,7 +195,7 @@ def main() -> None:
         print(f"re-encoded tokens (recomputed minus new), prefix cache: {reenc_with}")
         print(f"re-encoded tokens (recomputed minus new), cache evicted: {reenc_without}")
 
-        local = LlamaTextBackend(str(model), n_ctx=4096, n_threads=1, sha256=sha256_file(model))
+        local = LlamaBackend(str(model), n_ctx=4096, n_threads=1, sha256=sha256_file(model))
         remote = ServerBackend(url, n_ctx=4096)
         times = {"in-process": [], "server": []}
         for _ in range(args.rounds):

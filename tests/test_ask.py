@@ -17,9 +17,9 @@ OPTIONS = ["A. Pneumothorax", "B. Asthma", "C. Bronchiectasis", "D. Influenza"]
 
 
 def _real_backend(gguf, **kw):
-    from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+    from medrwr_edge.runtime.llama_backend import LlamaBackend
 
-    return LlamaTextBackend(str(gguf), n_ctx=4096, sha256=sha256_file(gguf), **kw)
+    return LlamaBackend(str(gguf), n_ctx=4096, sha256=sha256_file(gguf), **kw)
 
 
 # ----------------------------------------------------------------------------- real packs, scripted model

@@ -112,9 +112,9 @@ def scripted_session_ask(packs, history, query, log=False):
     rec = ask(None, "Which code applies?", ["A. J44.9", "B. I10"], packs=packs, image_pack=False, backend=be,
               cdir=False, history=history)
     if log:
-        from medrwr_edge.evidence.log import log_answer
+        from medrwr_edge.evidence.log import log_if_enabled
 
-        log_answer(rec, "ask")
+        log_if_enabled(rec, "ask")
     return rec
 
 

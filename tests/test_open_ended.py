@@ -156,10 +156,10 @@ class ForcedSpan:
 
 def _real(smoke_gguf, forced, made):
     from medrwr_edge.paths import sha256_file
-    from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+    from medrwr_edge.runtime.llama_backend import LlamaBackend
 
     def load(model, settings):
-        inner = LlamaTextBackend(str(smoke_gguf), n_ctx=4096, sha256=sha256_file(smoke_gguf), n_threads=1)
+        inner = LlamaBackend(str(smoke_gguf), n_ctx=4096, sha256=sha256_file(smoke_gguf), n_threads=1)
         inner.info.declares_protocol = True  # forced into the protocol's text: `auto` runs it native
         be = ForcedSpan(inner, forced)
         made.append(be)

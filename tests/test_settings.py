@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -78,3 +79,26 @@ def test_grpo_configs_written_with_the_old_key_still_load(tmp_path):
     assert config_from_dict({**base, "retrieval_top_k": 5}, GRPOConfig).top_k_docs == 5
     with pytest.raises(Exception, match="old name of 'top_k_docs'"):
         config_from_dict({**base, "retrieval_top_k": 5, "top_k_docs": 4}, GRPOConfig)
+
+
+def test_serve_words_a_setting_by_its_json_key_and_keeps_its_own_limits():
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from medrwr_edge.runtime.api import Session
+    from medrwr_edge.runtime.scripted_backend import ScriptedBackend
+    from medrwr_edge.serve import ServeConfig, create_app
+    from medrwr_edge.serve.worker import request_settings
+
+    base = AskSettings()
+    assert request_settings(base, None, 2048) is base
+    assert request_settings(base, {"seed": 7}, 2048) == base.replace(seed=7)
+    with pytest.raises(SettingError, match="max_tokens must be between 1 and 64"):
+        request_settings(base, {"max_tokens": 65}, 64)
+    factory = lambda: Session(packs=[], image_pack=False, backend=ScriptedBackend(["<answer> A </answer>"]))  # noqa: E731
+    with TestClient(create_app(factory, ServeConfig())) as client:
+        for settings, message in (({"cdir_threshold": 2}, "setting 'cdir_threshold' must be between 0 and 1 (got 2.0)"),
+                                  ({"top_p": 0}, "setting 'top_p' must be in (0, 1] (got 0.0)"),
+                                  ({"seed": "x"}, "setting 'seed' must be an integer")):
+            r = client.post("/v1/ask", data={"question": "q?", "settings": json.dumps(settings)})
+            assert r.status_code == 400 and r.json()["error"]["message"] == message

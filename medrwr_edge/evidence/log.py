@@ -259,8 +259,10 @@ def append_record(record: Union[EvidenceRecord, dict], command: str = "ask",
         return log.append(record, command)
 
 
-def log_answer(record: Union[EvidenceRecord, dict], command: str = "ask", no_log: bool = False) -> Optional[int]:
-    """What a command calls after answering: the log id, or None when logging is off."""
+def log_if_enabled(record: Union[EvidenceRecord, dict], command: str = "ask",
+                   no_log: bool = False) -> Optional[int]:
+    """Append the answer unless logging is off (`no_log`: the command's --no-log; or MEDRWR_EDGE_NO_LOG): its log
+    id, or None when it was not logged."""
     if not logging_enabled(no_log):
         return None
     return append_record(record, command)
@@ -275,10 +277,10 @@ class Logged:
 
 
 def finish_answer(record: Union[EvidenceRecord, dict], command: str, no_log: bool = False) -> Logged:
-    """After every answer (`ask`, `serve`): append it to the answer log. An unwritable log must not cost the user
+    """After every answer (`ask`, `chat`, `serve`): append it to the answer log. An unwritable log must not cost the user
     the answer, so a failure is returned to the caller to report in its own words, never raised."""
     try:
-        return Logged(log_answer(record, command, no_log))
+        return Logged(log_if_enabled(record, command, no_log))
     except MedrwrError as e:
         return Logged(None, e)
 

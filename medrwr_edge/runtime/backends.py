@@ -39,10 +39,10 @@ def load_backend(model: Optional[PathLike], settings: AskSettings):
         backend = load_bundle(path, n_ctx=settings.n_ctx, gpu_layers=settings.gpu_layers, seed=settings.seed)
         backend.info.declares_protocol = True  # an exported Med-RwR checkpoint: trained on the protocol
         return backend
-    from .llama_backend import LlamaTextBackend
+    from .llama_backend import LlamaBackend
     from .speculative import speculative_args
 
-    return LlamaTextBackend(
+    return LlamaBackend(
         path,
         n_ctx=settings.n_ctx,
         gpu_layers=settings.gpu_layers,

@@ -124,15 +124,14 @@ class ChatLoop:
             self.view.error(str(e))  # the session goes on; the failed turn left no trace in the cache
             return
         self.pending = None
-        notes = []
-        try:
-            from ..evidence.log import log_answer
+        from ..evidence.log import finish_answer
 
-            log_id = log_answer(turn.evidence, "chat", self.no_log)
-            if log_id is not None:
-                notes.append(f"logged as #{log_id}")
-        except MedrwrError as e:  # a reply must not be lost because the log is unwritable
-            notes.append(f"warning: not logged: {e}")
+        notes = []
+        logged = finish_answer(turn.evidence, "chat", self.no_log)
+        if logged.log_id is not None:
+            notes.append(f"logged as #{logged.log_id}")
+        if logged.error is not None:  # a reply must not be lost because the log is unwritable
+            notes.append(f"warning: not logged: {logged.error}")
         if self.save_path is not None:
             try:
                 self.chat.save(self.save_path)

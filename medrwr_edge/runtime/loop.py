@@ -47,7 +47,8 @@ class ReferenceImage:
     caption: str
     score: float
     image_sha256: str
-    image: Optional[ImageInput] = None  # pixels, for a backend that can see them
+    image: Optional[ImageInput] = None  # the pack's copy of the image (None: the pack keeps none): shown to a vision
+    # backend in the CDIR step, as in the paper; a text-only model gets the caption alone
 
 
 class TextRetriever(Protocol):

@@ -39,7 +39,7 @@ def test_schemas_are_valid_draft_2020_12_and_ship_with_the_package():
 ADDED_WITHIN_VERSION_1 = {
     "settings": {"prefix_cache", "n_threads", "top_k_diagnoses", "cdir_open_ended", "allow_mixed_modalities",
                  "images_are_studies", "frame", "protocol", "guided_think_tokens", "guided_exemplar",
-                 "guided_doc_words", "engine", "engine_timeout", "speculative", "draft_model"},
+                 "guided_doc_words", "guided_excerpt", "engine", "engine_timeout", "speculative", "draft_model"},
     "": {"answer_kind", "differential", "protocol"},
     "query": {"issued_by"},
     "answer": {"answer_kind", "differential"},

@@ -266,3 +266,34 @@ def test_auto_is_plain_decoding_on_cpu_and_the_record_says_so(gguf):
     with LlamaBackend(str(gguf), n_ctx=256, n_threads=1, sha256="0" * 64, speculative="auto") as b:
         assert b.speculative == "off"
         assert model_record(b)["speculative"] == {"mode": "off", "requested": "auto"}
+
+
+@pytest.mark.real_model
+def test_guided_turns_are_the_same_with_speculation(gguf, small_icd_pack):
+    """Guided decoding composes with speculation: the runtime's scaffold writes, the query cut, the splice and the
+    letter read at the answer position see the same cache, so the whole record is plain decoding's (flash attention:
+    bit-identical batches)."""
+    import dataclasses
+
+    from medrwr_edge.kb_pack.pack import Pack
+    from medrwr_edge.runtime import protocol as P
+    from medrwr_edge.runtime.loop import LoopConfig, MedRwRLoop
+    from medrwr_edge.runtime.retrieval import PackTextRetriever
+    from medrwr_edge.evidence.record import EvidenceRecord
+
+    question = "Which ICD-10-CM code is spontaneous tension pneumothorax?"
+    options = P.parse_options(["A. J93.0", "B. J93.11", "C. J94.2", "D. J98.4"])
+    cfg = LoopConfig(protocol="guided", sampling=SamplingSettings(max_tokens=64), generation_reserve_tokens=128,
+                     guided_think_tokens=24)
+    seen = {}
+    with Pack.open(small_icd_pack) as pack:
+        for mode in ("off", "lookup", "draft"):
+            with _backend(gguf, mode, flash_attn=True) as be:
+                rec = EvidenceRecord(question=question, options=[], images=[], model={}, packs=[], settings={})
+                MedRwRLoop(be, PackTextRetriever([pack]), None, cfg).run(rec, question, options)
+                steps = [{k: v for k, v in dataclasses.asdict(s).items() if "seconds" not in k} for s in rec.steps]
+                seen[mode] = (rec.assistant_text, steps, rec.letter, rec.confidence)
+                if mode == "draft":
+                    assert be.stats.drafted_tokens > 0
+    assert seen["lookup"] == seen["off"] and seen["draft"] == seen["off"]
+    assert seen["off"][2] in "ABCD"

@@ -89,6 +89,7 @@ def eval_command(
     think_tokens: Optional[int] = O.THINK_TOKENS,
     no_exemplar: bool = O.NO_EXEMPLAR,
     doc_words: Optional[int] = O.DOC_WORDS,
+    excerpt: Optional[str] = O.EXCERPT,
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N valid items"),
     workers: int = typer.Option(1, "--workers", help="worker processes (only 1 is useful on one CPU model)"),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: evaluate every N-th item starting at K"),
@@ -137,7 +138,7 @@ def eval_command(
         seed=seed, max_tokens=max_tokens, n_ctx=n_ctx, gpu_layers=gpu_layers, cdir_threshold=threshold,
         retrieval=needs_retrieval, cdir=needs_cdir, n_threads=threads, protocol=protocol,
         guided_exemplar=O.switched(no_exemplar, "guided_exemplar"), engine=engine, engine_timeout=engine_timeout,
-        guided_think_tokens=think_tokens, guided_doc_words=doc_words,
+        guided_think_tokens=think_tokens, guided_doc_words=doc_words, guided_excerpt=excerpt,
     )
     if out is None:
         stem = Path(dataset).stem if not dataset.startswith("builtin:") else dataset.split(":", 1)[1]

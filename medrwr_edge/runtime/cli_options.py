@@ -18,7 +18,7 @@ FLAGS = {
     "search_mode": "--mode", "n_ctx": "--ctx", "gpu_layers": "--gpu-layers", "n_threads": "--threads",
     "speculative": "--speculative", "frame": "--frame", "top_k_diagnoses": "--top-k-diagnoses",
     "protocol": "--protocol", "engine": "--engine", "engine_timeout": "--engine-timeout",
-    "guided_think_tokens": "--think-tokens", "guided_doc_words": "--doc-words",
+    "guided_think_tokens": "--think-tokens", "guided_doc_words": "--doc-words", "guided_excerpt": "--excerpt",
     # switches: the flag that turns the default over
     "retrieval": "--no-retrieval", "cdir": "--no-cdir", "cdir_open_ended": "--cdir-open-ended",
     "allow_mixed_modalities": "--allow-mixed-modalities", "guided_exemplar": "--no-exemplar",
@@ -65,7 +65,9 @@ ENGINE = _option("engine", "URL of an inference server (llama.cpp server, vLLM) 
 ENGINE_TIMEOUT = _option("engine_timeout", "seconds without a byte from --engine before a request is given up")
 THINK_TOKENS = _option("guided_think_tokens", "guided/rag: tokens the model may think before its query and before "
                                               "its answer (0: none)")
-DOC_WORDS = _option("guided_doc_words", "guided/rag: cut each spliced entry to its first N words (0: whole entries)")
+DOC_WORDS = _option("guided_doc_words", "guided/rag: cut each spliced entry to about N words (0: whole entries)")
+EXCERPT = _option("guided_excerpt", "guided/rag: which N words of each entry: focus (the lines matching the "
+                                    "question, options and query) or head (the first N)")
 
 NO_RETRIEVAL = _switch("retrieval", "answer queries with <retrieve> None")
 NO_CDIR = _switch("cdir", "never re-retrieve a reference image")

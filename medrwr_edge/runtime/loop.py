@@ -34,6 +34,7 @@ from ..evidence.record import (Answer, CdirRetrieve, EvidenceRecord, PassStats, 
                                Think)
 from . import protocol as P
 from .backend import Backend, Generation, GeneratedToken, ImageInput, SamplingSettings
+from .excerpt import WORD_RE, focus_excerpt, focus_terms, terms
 from .settings import AskSettings as _D  # the one owner of defaults
 
 
@@ -82,7 +83,8 @@ class LoopConfig:
     guided_think_tokens: int = _D.guided_think_tokens  # guided: tokens the model may think before query and answer
     guided_query_tokens: int = 40  # guided: tokens of the model's query
     guided_exemplar: bool = _D.guided_exemplar  # guided, multiple choice: one worked example in the system turn
-    guided_doc_words: int = _D.guided_doc_words  # guided/rag: each spliced entry cut to its first N words (0: whole)
+    guided_doc_words: int = _D.guided_doc_words  # guided/rag: each spliced entry cut to about N words (0: whole)
+    guided_excerpt: str = _D.guided_excerpt  # guided/rag: which N words, "focus" or "head" (AskSettings)
 
 
 # Events streamed to a UI while the loop runs: ("piece", text), ("query", Query), ("retrieve", Retrieve),
@@ -161,7 +163,7 @@ class MedRwRLoop:
             user += "\n" + P.differential_request(cfg.top_k_diagnoses)  # ours: the system prompt stays the paper's
         rag_steps: list = []
         if cfg.protocol == "rag":
-            user, rag_steps = self._rag_user_turn(question, user, emit)
+            user, rag_steps = self._rag_user_turn(question, options, user, emit)
         system = P.system_prompt(has_image=bool(images) and vision, open_ended=open_ended)
         if cfg.protocol != "native" and cfg.guided_exemplar and options:
             system += P.GUIDED_EXEMPLAR
@@ -330,7 +332,7 @@ class MedRwRLoop:
             query, issued_by = runtime_query(question), "runtime"
             docs = self.text_retriever.search(query, cfg.top_k_docs)[: cfg.top_k_docs] if query else []
         search_seconds = time.perf_counter() - t0
-        _shorten(docs, cfg.guided_doc_words)
+        self._excerpt(docs, query, question, options)
         # The cache holds exactly "<query> {query} </query>": the model's words as searched, or the runtime's.
         be.rollback(n_query)
         self._write(t, stats, f" {query} {P.QUERY_CLOSE}", emit)
@@ -437,7 +439,15 @@ class MedRwRLoop:
         t.turn += text
         emit("piece", text)
 
-    def _rag_user_turn(self, question: str, user: str, emit: EventSink) -> tuple[str, list]:
+    def _excerpt(self, docs: list[RetrievedDoc], query: str, question: str, options) -> None:
+        """Guided/rag: what of each entry the model reads (its snippet is what is spliced, so the record shows it)."""
+        cfg = self.config
+        focus = focus_terms(query + "\n" + question, "\n".join(o.text for o in options)) \
+            if cfg.guided_excerpt == "focus" else {}
+        for d in docs:
+            d.snippet = focus_excerpt(d.snippet, focus, cfg.guided_doc_words)
+
+    def _rag_user_turn(self, question: str, options, user: str, emit: EventSink) -> tuple[str, list]:
         """The baseline a user would script: one search on the question, the top entries before it in the user turn."""
         query = runtime_query(question)
         step = Query(query, "", 0, issued_by="runtime", reason="rag baseline: one search on the question")
@@ -445,7 +455,7 @@ class MedRwRLoop:
         docs = self.text_retriever.search(query, self.config.top_k_docs)[: self.config.top_k_docs] \
             if (self.text_retriever is not None and self.config.retrieval and query) else []
         step.served = bool(docs)
-        _shorten(docs, self.config.guided_doc_words)
+        self._excerpt(docs, query, question, options)
         block = P.rag_entries(d.snippet for d in docs)
         retrieve = Retrieve(query, docs, block, 0, 0, False, round(time.perf_counter() - t0, 4))
         emit("query", step)
@@ -755,30 +765,13 @@ def _cut_generation(be, n_start: int, gen: Generation, keep_chars: int) -> str:
     return keep
 
 
-def _shorten(docs: list[RetrievedDoc], words: int) -> None:
-    """Guided/rag: keep each entry's first `words` words (its snippet is what is spliced, so the record shows it)."""
-    for d in docs if words > 0 else ():
-        w = d.snippet.split()
-        if len(w) > words:
-            d.snippet = " ".join(w[:words]) + " …"
-
-
 def runtime_query(question: str) -> str:
     """The query guided decoding issues when the model's is unusable: the question itself, on one line."""
     words = P._one_line(question.replace('"', "")).split()
     return " ".join(words[:MAX_RUNTIME_QUERY_WORDS])
 
 
-_WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]*")
-_STOPWORDS = frozenset(
-    "the and for with what which does code codes icd icd-10-cm cm this that from into are was were is of in on to "
-    "a an or not under denote denotes condition conditions diagnosis patient".split())
-_FORMAT_WORDS = frozenset(w.lower() for w in _WORD_RE.findall(P.SYSTEM_PROMPT_TEXT + P.SYSTEM_PROMPT_IMAGE))
-
-
-def _terms(text: str) -> set[str]:
-    return {w.lower().rstrip(".-") for w in _WORD_RE.findall(text)
-            if (len(w) >= 3 or any(c.isdigit() for c in w)) and w.lower() not in _STOPWORDS}
+_FORMAT_WORDS = frozenset(w.lower() for w in WORD_RE.findall(P.SYSTEM_PROMPT_TEXT + P.SYSTEM_PROMPT_IMAGE))
 
 
 def _unusable_query(query: str, question_and_options: str) -> str:
@@ -786,10 +779,10 @@ def _unusable_query(query: str, question_and_options: str) -> str:
     instructions, or about nothing the question mentions."""
     if not query:
         return "the model wrote no query (empty or punctuation only)"
-    words = [w.lower() for w in _WORD_RE.findall(query)]
-    asked = _terms(question_and_options)
-    if words and all(w in _FORMAT_WORDS for w in words) and not (_terms(query) & asked):
+    words = [w.lower() for w in WORD_RE.findall(query)]
+    asked = terms(question_and_options)
+    if words and all(w in _FORMAT_WORDS for w in words) and not (terms(query) & asked):
         return "the model's query copies the system prompt's instructions"
-    if not _terms(query) & asked:
+    if not terms(query) & asked:
         return "the model's query shares no term with the question"
     return ""

@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 from ..errors import InputError, SettingError
 
 PROTOCOL_CHOICES = ("auto", "native", "guided", "rag")
-SEARCH_MODES = ("dense", "lexical", "hybrid")
 SPECULATIVE_MODES = ("off", "lookup", "draft", "auto")
+EXCERPT_CHOICES = ("focus", "head")
 MAX_QUESTION_CHARS = 20_000
 MAX_DIAGNOSES = 10
 
@@ -62,7 +62,10 @@ class AskSettings:
     # thinking was not shown to help, and it costs decode time
     guided_think_tokens: int = 0
     guided_exemplar: bool = True  # guided/rag, multiple choice: a worked example in the system turn
-    guided_doc_words: int = 40  # guided/rag: each spliced entry cut to its first N words (0: whole entries)
+    guided_doc_words: int = 40  # guided/rag: each spliced entry cut to about N words (0: whole entries)
+    # guided/rag: which N words. "focus": the entry's first line, then its lines (and list items) sharing the most
+    # terms with the question, options and query (runtime/excerpt.py); "head": its first N words
+    guided_excerpt: str = "focus"
     engine: Optional[str] = None  # URL of an inference server (llama.cpp server, vLLM) that generates the tokens
     engine_timeout: float = 120.0  # seconds without a byte from that server before a request is given up
     # Speculative decoding (runtime/speculative.py): off, lookup (drafts copied from the sequence), draft (a small
@@ -105,6 +108,7 @@ class AskSettings:
             guided_think_tokens=self.guided_think_tokens,
             guided_exemplar=self.guided_exemplar,
             guided_doc_words=self.guided_doc_words,
+            guided_excerpt=self.guided_excerpt,
             max_passes=self.max_passes,
             top_k_docs=self.top_k_docs,
             retrieval=self.retrieval,
@@ -133,7 +137,7 @@ _RULES = (
     ("max_passes", lambda v: v >= 1, "must be at least 1"),
     ("top_k_docs", lambda v: v >= 1, "must be at least 1"),
     ("cdir_threshold", lambda v: 0 <= v <= 1, "must be between 0 and 1"),
-    ("search_mode", lambda v: v in SEARCH_MODES, f"must be one of {', '.join(SEARCH_MODES)}"),
+    ("search_mode", lambda v: v in _search_modes(), "must be dense, lexical or hybrid"),
     ("n_ctx", lambda v: v >= 512, "is too small (at least 512 tokens)"),
     ("n_threads", lambda v: v >= 1, "must be at least 1"),
     ("top_k_diagnoses", lambda v: 1 <= v <= MAX_DIAGNOSES, f"must be between 1 and {MAX_DIAGNOSES}"),
@@ -141,9 +145,18 @@ _RULES = (
     ("protocol", lambda v: v in PROTOCOL_CHOICES, f"must be one of {', '.join(PROTOCOL_CHOICES)}"),
     ("guided_think_tokens", lambda v: v >= 0, "must be ≥ 0"),
     ("guided_doc_words", lambda v: v >= 0, "must be ≥ 0 (0: whole entries)"),
+    ("guided_excerpt", lambda v: v in EXCERPT_CHOICES, f"must be one of {', '.join(EXCERPT_CHOICES)}"),
     ("engine_timeout", lambda v: v > 0, "must be more than 0 seconds"),
     ("speculative", lambda v: v in SPECULATIVE_MODES, f"must be one of {', '.join(SPECULATIVE_MODES)}"),
 )
+
+
+def _search_modes() -> tuple:
+    """The packs' search modes (kb_pack/pack.py owns them; imported only when a mode is asked for)."""
+    from ..kb_pack.pack import SEARCH_MODES
+
+    return SEARCH_MODES
+
 
 _KINDS = {"bool": (bool, "true or false"), "int": (numbers.Integral, "an integer"),
           "float": (numbers.Real, "a number"), "str": (str, "a string")}

@@ -25,8 +25,7 @@ import numpy as np
 
 from medrwr_edge.errors import ModelError
 from medrwr_edge.runtime import llama_native
-
-MODES = ("off", "lookup", "draft", "auto")
+from medrwr_edge.runtime.settings import SPECULATIVE_MODES as MODES  # one owner: the settings
 
 
 def lookup_draft(seq: Sequence[int], k: int, ngram_max: int = 4, ngram_min: int = 2) -> list[int]:

@@ -1,4 +1,4 @@
-"""Decode speed: LlamaTextBackend.generate vs raw llama-cpp-python (`llama_cpp.Llama`), same model, same prompt.
+"""Decode speed: LlamaBackend.generate vs raw llama-cpp-python (`llama_cpp.Llama`), same model, same prompt.
 
 Both run greedy for the same number of tokens with the same threads and batch size; runs alternate
 (ours, raw, ours, raw, ...) so background load hits both alike; the median of each is compared.
@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medrwr_edge.runtime import llama_native  # noqa: E402
 from medrwr_edge.runtime.backend import SamplingSettings  # noqa: E402
-from medrwr_edge.runtime.llama_backend import LlamaTextBackend  # noqa: E402
+from medrwr_edge.runtime.llama_backend import LlamaBackend  # noqa: E402
 
 # A continuation prompt without a chat template: the model keeps writing instead of ending its turn early.
 PROMPT = (
@@ -64,7 +64,7 @@ def memory_bandwidth_gbs(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
     return 2 * n_bytes / best / 1e9
 
 
-def ours_tokens_per_s(backend: LlamaTextBackend, n_tokens: int) -> tuple[float, int, float]:
+def ours_tokens_per_s(backend: LlamaBackend, n_tokens: int) -> tuple[float, int, float]:
     """(tokens/s, tokens, seconds per token spent outside llama_decode: sampling, softmax, stop checks)."""
     backend.reset()
     backend.prefill([PROMPT])
@@ -114,7 +114,7 @@ def main() -> None:
     model = resolve_model(args.model)
     print(f"model: {model.name} ({model.stat().st_size / 1e6:.0f} MB), threads={args.threads}, "
           f"tokens={args.tokens}, rounds={args.rounds}, load average {os.getloadavg()[0]:.1f}")
-    ours_backend = LlamaTextBackend(model, n_ctx=args.n_ctx, n_threads=args.threads, sha256="-")
+    ours_backend = LlamaBackend(model, n_ctx=args.n_ctx, n_threads=args.threads, sha256="-")
     raw = Llama(str(model), n_ctx=args.n_ctx, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads,
                 verbose=False)
     ours_tokens_per_s(ours_backend, 8)  # warm both (page in the weights, build the graphs)
@@ -127,20 +127,20 @@ def main() -> None:
         rate_raw, n_raw = raw_tokens_per_s(raw, args.tokens)
         theirs.append(rate_raw)
         ratios.append(rate / rate_raw)
-        print(f"  round {r}: LlamaTextBackend {rate:7.2f} tok/s ({n} tokens)   raw Llama {rate_raw:7.2f} tok/s "
+        print(f"  round {r}: LlamaBackend {rate:7.2f} tok/s ({n} tokens)   raw Llama {rate_raw:7.2f} tok/s "
               f"({n_raw} tokens)   ratio {rate / rate_raw:.3f}")
     o, t = statistics.median(ours), statistics.median(theirs)
     per_token = statistics.median(overheads)
     print(f"median of per-round ratios: {statistics.median(ratios):.3f}")
-    print(f"LlamaTextBackend time per token outside llama_decode (numpy softmax + sampling + stop check): "
+    print(f"LlamaBackend time per token outside llama_decode (numpy softmax + sampling + stop check): "
           f"{per_token * 1e3:.3f} ms = {per_token * o * 100:.2f}% of a token")
     bw = memory_bandwidth_gbs()
     weights = ours_backend._model.facts.size_bytes
     roofline = bw * 1e9 / weights
-    print(f"decode tok/s (median): LlamaTextBackend {o:.2f}   raw llama-cpp-python {t:.2f}   ratio {o / t:.3f} "
+    print(f"decode tok/s (median): LlamaBackend {o:.2f}   raw llama-cpp-python {t:.2f}   ratio {o / t:.3f} "
           f"(goal >= 0.97)")
     print(f"memory bandwidth (numpy copy) {bw:.1f} GB/s; weights {weights / 1e6:.0f} MB -> roofline "
-          f"{roofline:.1f} tok/s; LlamaTextBackend reaches {o / roofline:.2f} of it")
+          f"{roofline:.1f} tok/s; LlamaBackend reaches {o / roofline:.2f} of it")
     ours_backend.close()
     raw.close()
 

@@ -301,7 +301,7 @@ def main() -> None:
     from medrwr_edge.kb_pack.build import build_text_pack
     from medrwr_edge.kb_pack.encoders import load_encoder
     from medrwr_edge.paths import sha256_file
-    from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+    from medrwr_edge.runtime.llama_backend import LlamaBackend
     from medrwr_edge.runtime.server_backend import ServerBackend
 
     shapes = args.shapes.split(",")
@@ -311,7 +311,7 @@ def main() -> None:
                            load_encoder(assets.default_text_encoder_dir()), name="icd-resp", version="bench",
                            progress=False)
     print(f"machine load before: {load()} (shared 2-core machine)")
-    local = LlamaTextBackend(str(model), n_ctx=4096, n_threads=1, sha256=sha256_file(model))
+    local = LlamaBackend(str(model), n_ctx=4096, n_threads=1, sha256=sha256_file(model))
     server = LlamaCppPythonServer(model, work / "server.log", n_ctx=4096, threads=1)
     figures: list = []
     try:

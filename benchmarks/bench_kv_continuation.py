@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_decode import resolve_model  # noqa: E402
 from medrwr_edge.runtime import llama_native  # noqa: E402
 from medrwr_edge.runtime.backend import SamplingSettings  # noqa: E402
-from medrwr_edge.runtime.llama_backend import LlamaTextBackend  # noqa: E402
+from medrwr_edge.runtime.llama_backend import LlamaBackend  # noqa: E402
 
 SYSTEM = (
     "You are a medical assistant that reasons step by step and searches a medical knowledge base when it needs "
@@ -61,7 +61,7 @@ def prompt_text() -> str:
             "<|im_start|>assistant\n<think>")
 
 
-def retrieve_block(i: int, n_tokens: int, backend: LlamaTextBackend) -> str:
+def retrieve_block(i: int, n_tokens: int, backend: LlamaBackend) -> str:
     """A <retrieve> block of about n_tokens tokens (three numbered documents)."""
     words = (DOC * (1 + n_tokens // 40)).split()
     while len(backend.tokenize(" ".join(words))) > n_tokens - 20:  # ~20 tokens of tags and numbering
@@ -71,7 +71,7 @@ def retrieve_block(i: int, n_tokens: int, backend: LlamaTextBackend) -> str:
     return f"\n<retrieve> (1) [round {i}] {docs[0]} (2) {docs[1]} (3) {docs[2]} </retrieve>\n"
 
 
-def run_continuation(b: LlamaTextBackend, prompt: str, blocks: list[str], settings) -> dict:
+def run_continuation(b: LlamaBackend, prompt: str, blocks: list[str], settings) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     b.reset()
     b.prefill([prompt])
@@ -85,7 +85,7 @@ def run_continuation(b: LlamaTextBackend, prompt: str, blocks: list[str], settin
                 batch_tokens=s.prompt_tokens + s.inserted_tokens, generated=s.generated_tokens)
 
 
-def run_reencode(b: LlamaTextBackend, prompt: str, blocks: list[str], settings) -> dict:
+def run_reencode(b: LlamaBackend, prompt: str, blocks: list[str], settings) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     prefilled = generated = 0
     history: list[int] | None = None
@@ -113,7 +113,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model = resolve_model(args.model)
-    b = LlamaTextBackend(model, n_ctx=4096, n_threads=args.threads, sha256="-")
+    b = LlamaBackend(model, n_ctx=4096, n_threads=args.threads, sha256="-")
     prompt = prompt_text()
     blocks = [retrieve_block(i + 1, args.block, b) for i in range(2)]
     settings = SamplingSettings(temperature=0.0, max_tokens=args.gen)

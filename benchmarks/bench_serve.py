@@ -144,9 +144,9 @@ def disconnect_mid_stream(url: str) -> dict:
 
 def batch_headroom(model_path: str, threads: int) -> list[tuple[int, float, float]]:
     """(B, seconds for B one-token decodes, seconds for one B-token batch) after a 64-token context."""
-    from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+    from medrwr_edge.runtime.llama_backend import LlamaBackend
 
-    be = LlamaTextBackend(model_path, n_ctx=2048, n_threads=threads)
+    be = LlamaBackend(model_path, n_ctx=2048, n_threads=threads)
     base = be.tokenize("The patient presents with fever and a productive cough. " * 8)[:64]
     rows = []
     for b in (1, 4, 16):

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_decode import memory_bandwidth_gbs, resolve_model  # noqa: E402
 from medrwr_edge.runtime import protocol  # noqa: E402
 from medrwr_edge.runtime.backend import SamplingSettings  # noqa: E402
-from medrwr_edge.runtime.llama_backend import LlamaTextBackend  # noqa: E402
+from medrwr_edge.runtime.llama_backend import LlamaBackend  # noqa: E402
 
 FREE_TEXT = [
     "A 67-year-old smoker has had a productive cough for three months in each of the last two years and "
@@ -59,7 +59,7 @@ def free_prompts() -> list[str]:
     return [protocol.prompt_text(protocol.chatml_prompt(protocol.system_prompt(False, open_ended=True), q)) for q in FREE_TEXT]
 
 
-def run_mode(b: LlamaTextBackend, state: bytes, mode: str, settings: SamplingSettings) -> dict:
+def run_mode(b: LlamaBackend, state: bytes, mode: str, settings: SamplingSettings) -> dict:
     b.reset()
     b.restore_state(state)
     b.speculative = mode
@@ -91,7 +91,7 @@ def main() -> None:
     modes = ["off", "lookup"] + (["draft"] if draft else [])
     print(f"model {model.name}; draft {Path(draft).name if draft else '(none)'}; load {open('/proc/loadavg').read().split()[:3]} "
           "(shared machine: other jobs run on the same 2 cores)")
-    b = LlamaTextBackend(model, n_ctx=4096, n_threads=args.threads, sha256="-", flash_attn=args.flash_attn,
+    b = LlamaBackend(model, n_ctx=4096, n_threads=args.threads, sha256="-", flash_attn=args.flash_attn,
                          speculative="draft" if draft else "lookup", draft_model=draft,
                          n_draft=args.n_draft)
     threads = b.n_threads

@@ -24,10 +24,10 @@ from bench_decode import resolve_model  # noqa: E402
 from bench_kv_continuation import prompt_text  # noqa: E402
 from medrwr_edge.runtime import llama_native  # noqa: E402
 from medrwr_edge.runtime.backend import SamplingSettings  # noqa: E402
-from medrwr_edge.runtime.llama_backend import LlamaTextBackend  # noqa: E402
+from medrwr_edge.runtime.llama_backend import LlamaBackend  # noqa: E402
 
 
-def time_to_first_token(b: LlamaTextBackend, prompt: str) -> tuple[float, float, float]:
+def time_to_first_token(b: LlamaBackend, prompt: str) -> tuple[float, float, float]:
     """(seconds to the first streamed piece, seconds of which were prefill, CPU seconds of all threads to then).
 
     CPU seconds / threads estimates the wall time on an otherwise idle machine when other work shares the cores."""
@@ -60,7 +60,7 @@ def main() -> None:
 
     model = resolve_model(args.model)
     t0 = time.perf_counter()
-    b = LlamaTextBackend(model, n_threads=args.threads, sha256="-")
+    b = LlamaBackend(model, n_threads=args.threads, sha256="-")
     load_s = time.perf_counter() - t0
     prompt = prompt_text()
     n_prompt = len(b.tokenize(prompt))
@@ -81,11 +81,11 @@ def main() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as cache:
-        filler = LlamaTextBackend(model, n_threads=args.threads, sha256="bench", prefix_cache_dir=cache)
+        filler = LlamaBackend(model, n_threads=args.threads, sha256="bench", prefix_cache_dir=cache)
         time_to_first_token(filler, prompt)  # fills the cache, as a first `ask` does
         filler.close()
         t0 = time.perf_counter()
-        b = LlamaTextBackend(model, n_threads=args.threads, sha256="bench", prefix_cache_dir=cache)
+        b = LlamaBackend(model, n_threads=args.threads, sha256="bench", prefix_cache_dir=cache)
         load_s = time.perf_counter() - t0
         cached, cached_prefill, cached_cpu = time_to_first_token(b, prompt)
         restored = b.stats.cached_prompt_tokens

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_decode import resolve_model  # noqa: E402
 from bench_kv_continuation import prompt_text  # noqa: E402
 from medrwr_edge.runtime.backend import SamplingSettings  # noqa: E402
-from medrwr_edge.runtime.llama_backend import LlamaTextBackend  # noqa: E402
+from medrwr_edge.runtime.llama_backend import LlamaBackend  # noqa: E402
 
 
-def one_question(b: LlamaTextBackend, prompt: str) -> dict:
+def one_question(b: LlamaBackend, prompt: str) -> dict:
     b.reset()
     c0, t0 = time.process_time(), time.perf_counter()
     b.prefill([prompt])
@@ -50,7 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         for threads in args.threads:
             for ub in args.ubatch:
-                b = LlamaTextBackend(model, n_threads=threads, n_ubatch=ub, sha256="bench", prefix_cache_dir=cache)
+                b = LlamaBackend(model, n_threads=threads, n_ubatch=ub, sha256="bench", prefix_cache_dir=cache)
                 cold = one_question(b, prompt)  # fills the cache on the first configuration
                 runs = [one_question(b, prompt) for _ in range(args.questions)]
                 b.close()
@@ -61,7 +61,7 @@ def main() -> None:
                       f"idle cores | first question after load {cold['total']:.3f} s "
                       f"({cold['cached']} restored, {cold['decoded']} decoded)", flush=True)
     with tempfile.TemporaryDirectory() as empty:
-        b = LlamaTextBackend(model, n_threads=args.threads[-1], sha256="bench", prefix_cache_dir=empty)
+        b = LlamaBackend(model, n_threads=args.threads[-1], sha256="bench", prefix_cache_dir=empty)
         cold = one_question(b, prompt)
         b.close()
     print(f"cold (no prefix cache, whole prompt of {cold['decoded']} tokens, threads {args.threads[-1]}): "

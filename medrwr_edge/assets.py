@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-import typer
-
 from .errors import InputError, IntegrityError, ModelError
 from .paths import atomic_directory, atomic_write_text, models_dir, sha256_file
 
@@ -176,7 +174,8 @@ def get_artefact(name: str) -> Artefact:
 # ---------------------------------------------------------------- paths of installed artefacts
 
 
-def _record(name: str) -> Optional[dict]:
+def installed_record(name: str) -> Optional[dict]:
+    """What `install` wrote about a model (installed.json: its files, sizes, sha256), or None."""
     path = models_dir() / name / INSTALLED_JSON
     if not path.is_file():
         return None
@@ -188,7 +187,7 @@ def _record(name: str) -> Optional[dict]:
 
 def is_installed(name: str) -> bool:
     art = get_artefact(name)
-    return _record(name) is not None and (models_dir() / name / art.main_file).is_file()
+    return installed_record(name) is not None and (models_dir() / name / art.main_file).is_file()
 
 
 def installed_path(name: str) -> Path:
@@ -211,7 +210,7 @@ def _check_installed_file(name: str, path: Path) -> None:
     install or after any change, not on every answer."""
     from .paths import cached_sha256
 
-    recorded = ((_record(name) or {}).get("files") or {}).get(path.name) or {}
+    recorded = ((installed_record(name) or {}).get("files") or {}).get(path.name) or {}
     size = path.stat().st_size
     if recorded.get("size") is not None and size != recorded["size"]:
         raise ModelError(f"{path} has {size:,} bytes but {recorded['size']:,} were installed: it was replaced or "
@@ -219,6 +218,29 @@ def _check_installed_file(name: str, path: Path) -> None:
     if recorded.get("sha256") and cached_sha256(path) != recorded["sha256"]:
         raise ModelError(f"{path} is not the file that was installed (sha256 differs): it was replaced or damaged; "
                          f"reinstall with `medrwr-edge models install {name} --force`")
+
+
+def find_model(model: Optional[str | os.PathLike] = None) -> Path:
+    """The file (or bundle folder) a `--model` value names: None, the default LLM; an installed model's name; a GGUF
+    file; a folder holding exactly one GGUF; or an exported Med-RwR bundle (returned as the folder). A GGUF is
+    checked (magic, size) before anything loads it."""
+    if model is None:
+        path = default_llm_path()
+    else:
+        path = Path(model)
+        if not path.exists() and os.sep not in str(model):
+            path = installed_path(str(model))  # an installed model's name
+    from .export.bundle import is_bundle
+
+    if is_bundle(path):  # GGUF decoder + ONNX vision encoder: the bundle checks its own hashes when loaded
+        return path
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelError(f"model directory {path} must hold exactly one .gguf file (found {len(ggufs)})")
+        path = ggufs[0]
+    check_gguf(path)
+    return path
 
 
 def default_llm_path() -> Path:
@@ -269,7 +291,7 @@ def verify(names: Optional[Iterable[str]] = None) -> list[str]:
     for name in selected:
         art = get_artefact(name)
         try:
-            record = _record(name)
+            record = installed_record(name)
         except IntegrityError as e:
             problems.append(str(e))
             continue
@@ -524,70 +546,3 @@ def _has_torch() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("torch") is not None
-
-
-# ---------------------------------------------------------------- CLI: `medrwr-edge models ...`
-
-models_app = typer.Typer(no_args_is_help=True, help="Install and verify the default models and encoders.")
-
-
-def _selection(names: list[str], default: bool, smoke: bool, all_: bool) -> list[str]:
-    chosen = list(names)
-    if default:
-        chosen += DEFAULT_SET
-    if smoke:
-        chosen += SMOKE_SET
-    if all_:
-        chosen += list(REGISTRY)
-    return list(dict.fromkeys(chosen))
-
-
-@models_app.command("install")
-def install_command(
-    names: list[str] = typer.Argument(None, help=f"models to install: {', '.join(REGISTRY)}"),
-    default: bool = typer.Option(False, "--default", help="default LLM + both encoders"),
-    smoke: bool = typer.Option(False, "--smoke", help="SmolLM2-135M + both encoders (small, for tests)"),
-    all_: bool = typer.Option(False, "--all", help="everything in the registry"),
-    force: bool = typer.Option(False, "--force", help="reinstall even if installed and intact"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
-) -> None:
-    chosen = _selection(names or [], default, smoke, all_)
-    if not chosen:
-        raise InputError("name the models to install, or use --default, --smoke or --all")
-    for path in install(chosen, progress=not quiet, force=force):
-        typer.echo(f"installed {path}")
-
-
-@models_app.command("list")
-def list_command(rehash: bool = typer.Option(False, "--hash", help="re-hash files (slower) instead of sizes only")) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("name", "kind", "installed", "size", "verified", "description")
-    for column in table.columns[:5]:
-        column.no_wrap = True
-    for name, art in REGISTRY.items():
-        if not is_installed(name):
-            table.add_row(name, art.kind, "no", "-", "-", art.description)
-            continue
-        record = _record(name) or {}
-        size = sum(info.get("size", 0) for info in record.get("files", {}).values())
-        if rehash:
-            ok = "yes" if not verify([name]) else "NO"
-        else:
-            sizes_ok = all((models_dir() / name / f).is_file() and (models_dir() / name / f).stat().st_size == i.get("size")
-                           for f, i in record.get("files", {}).items())
-            ok = "sizes ok" if sizes_ok else "NO"
-        table.add_row(name, art.kind, "yes", f"{size / 1e6:,.1f} MB", ok, art.description)
-    # Not a terminal (pipes, CI): use a wide fallback rather than rich's 80 columns, so names are not cut.
-    Console(width=shutil.get_terminal_size((160, 24)).columns).print(table)
-
-
-@models_app.command("verify")
-def verify_command(names: list[str] = typer.Argument(None, help="models to check (default: all installed)")) -> None:
-    problems = verify(names or None)
-    for line in problems:
-        typer.echo(f"problem: {line}", err=True)
-    if problems:
-        raise typer.Exit(1)
-    typer.echo("all installed models match their recorded sha256")

@@ -1,6 +1,6 @@
 """`medrwr-edge` command line: a thin layer over the importable API.
 
-Sub-command groups live beside the code they drive (kb_pack/cli.py, assets.py, ...) and are mounted here.
+Sub-command groups live beside the code they drive (`<package>/cli.py` with `register(app)`) and are mounted here.
 Every `MedrwrError` becomes one line on stderr and a non-zero exit; tracebacks are for bugs only.
 """
 
@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from .errors import MedrwrError
+from .errors import MedrwrError, SettingError
 from .offline import apply_offline_defaults
 
 apply_offline_defaults()  # before any sub-command imports a library that could reach a network
@@ -24,26 +24,17 @@ app = typer.Typer(
 )
 
 
-def _mount() -> None:
-    # Each command's module imports only typer at load time; torch, FastAPI etc. load when a command runs.
-    from . import setup_cmd
-    from .assets import models_app
-    from .deploy import cli as deploy_cli
-    from .eval import cli as eval_cli
-    from .evidence import cli as evidence_cli
-    from .export import cli as export_cli
-    from .history import cli as history_cli
-    from .kb_pack.cli import pack_app
-    from .runtime import chat_cli
-    from .runtime import cli as runtime_cli
-    from .serve import cli as serve_cli
-    from .training import cli as training_cli
+# Every command group lives beside the code it drives, in `<package>/cli.py`, and mounts itself with `register(app)`.
+COMMAND_PACKAGES = ("kb_pack", "install", "runtime", "evidence", "export", "eval", "history", "serve", "training",
+                    "deploy")
 
-    app.add_typer(pack_app, name="pack", help="Build, verify, inspect, search and diff knowledge packs.")
-    app.add_typer(models_app, name="models", help="Install and verify the default models and encoders.")
-    for module in (runtime_cli, setup_cmd, evidence_cli, export_cli, eval_cli, history_cli, chat_cli, serve_cli,
-                   training_cli, deploy_cli):
-        module.register(app)
+
+def _mount() -> None:
+    import importlib
+
+    # Each command's module imports only typer at load time; torch, FastAPI etc. load when a command runs.
+    for package in COMMAND_PACKAGES:
+        importlib.import_module(f".{package}.cli", __package__).register(app)
 
 
 _mount()
@@ -59,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(code, int) and not isinstance(code, bool) and code:
             sys.exit(code)
     except MedrwrError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_worded(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -82,6 +73,15 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
             sys.exit(e.exit_code)
         raise
+
+
+def _worded(error: MedrwrError) -> str:
+    """The error in the command line's words: a setting is named by its flag (--threshold, not cdir_threshold)."""
+    if isinstance(error, SettingError):
+        from .runtime.cli_options import flag
+
+        return error.worded(flag)
+    return str(error)
 
 
 def _click_exception_types() -> tuple[tuple, tuple]:

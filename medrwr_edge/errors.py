@@ -31,3 +31,16 @@ class EncoderMismatchError(IntegrityError):
 
 class ModelError(MedrwrError):
     """A model file is missing, corrupt, or cannot be loaded."""
+
+
+class SettingError(InputError):
+    """A setting out of its range or of the wrong type. The message names the `AskSettings` field; a front end
+    words it in its own vocabulary with `worded(name_of)` (the CLI: its flag; serve: the JSON key)."""
+
+    def __init__(self, field: str, problem: str):
+        self.field, self.problem = field, " ".join(str(problem).split())
+        super().__init__(f"{field} {self.problem}")
+
+    def worded(self, name_of) -> str:
+        """The message with the field named as `name_of(field)` calls it."""
+        return f"{name_of(self.field)} {self.problem}"

@@ -47,7 +47,7 @@ def validator(name: str = "evidence"):
     from jsonschema import Draft202012Validator
     from referencing import Registry, Resource
 
-    from medrwr_edge.evidence.record_io import load_schema
+    from medrwr_edge.evidence.record import load_schema
 
     schemas = {n: load_schema(n) for n in ("evidence", "answer-log", "replay")}
     registry = Registry().with_resources((s["$id"], Resource.from_contents(s)) for s in schemas.values())

@@ -17,9 +17,9 @@ OPTIONS = ["A. Pneumothorax", "B. Asthma", "C. Bronchiectasis", "D. Influenza"]
 
 
 def _real_backend(gguf, **kw):
-    from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+    from medrwr_edge.runtime.llama_backend import LlamaBackend
 
-    return LlamaTextBackend(str(gguf), n_ctx=4096, sha256=sha256_file(gguf), **kw)
+    return LlamaBackend(str(gguf), n_ctx=4096, sha256=sha256_file(gguf), **kw)
 
 
 # ----------------------------------------------------------------------------- real packs, scripted model
@@ -85,7 +85,7 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, small_icd_pack):
 
 
 def test_corrupt_model_files_are_refused_before_loading(tmp_path):
-    from medrwr_edge.runtime.api import load_backend
+    from medrwr_edge.runtime.backends import load_backend
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"NOTGGUF" + b"\0" * 4096)
@@ -101,7 +101,7 @@ def test_corrupt_model_files_are_refused_before_loading(tmp_path):
 
 @pytest.mark.real_model
 def test_truncated_real_gguf_is_refused(tmp_path, smoke_gguf):
-    from medrwr_edge.runtime.api import load_backend
+    from medrwr_edge.runtime.backends import load_backend
 
     cut = tmp_path / "cut.gguf"
     with open(smoke_gguf, "rb") as f:

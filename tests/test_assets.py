@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from medrwr_edge import assets
 from medrwr_edge.assets import Artefact, Source, check_gguf
 from medrwr_edge.errors import InputError, IntegrityError, ModelError
+from medrwr_edge.install.cli import models_app
 from medrwr_edge.paths import models_dir
 
 
@@ -170,7 +171,7 @@ def test_verify_detects_flipped_byte(medrwr_home, fake_llm):
     path.write_bytes(bytes(raw))
     problems = assets.verify(["fake-llm"])
     assert len(problems) == 1 and "fake-llm.gguf" in problems[0] and "sha256" in problems[0]
-    result = CliRunner().invoke(assets.models_app, ["verify", "fake-llm"])
+    result = CliRunner().invoke(models_app, ["verify", "fake-llm"])
     assert result.exit_code == 1
 
 
@@ -288,12 +289,12 @@ def test_cached_archive_does_not_confuse_part1_and_part10(tmp_path):
 
 
 def test_cli_needs_a_selection(medrwr_home):
-    result = CliRunner().invoke(assets.models_app, ["install"])
+    result = CliRunner().invoke(models_app, ["install"])
     assert result.exit_code != 0
 
 
 def test_cli_list_runs_on_empty_home(medrwr_home):
-    result = CliRunner().invoke(assets.models_app, ["list"])
+    result = CliRunner().invoke(models_app, ["list"])
     assert result.exit_code == 0 and assets.QWEN_1_5B in result.output and "no" in result.output
 
 

@@ -14,7 +14,7 @@ from medrwr_edge.runtime import protocol as P
 from medrwr_edge.runtime.backend import ImageInput, SamplingSettings
 from medrwr_edge.runtime.loop import LoopConfig, MedRwRLoop, ReferenceImage
 from medrwr_edge.runtime.scripted_backend import ScriptedBackend
-from medrwr_edge.runtime.steps import EvidenceRecord
+from medrwr_edge.evidence.record import EvidenceRecord
 
 OPTIONS = P.parse_options(["A. Pneumonia", "B. Pneumothorax"])
 QUERY_IMAGE = ImageInput(pixels=None, sha256="cd" * 32)

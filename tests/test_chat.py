@@ -15,7 +15,7 @@ from medrwr_edge.errors import InputError, MedrwrError
 from medrwr_edge.runtime.api import AskSettings
 from medrwr_edge.runtime.chat import Chat, ChatLimits
 from medrwr_edge.runtime.scripted_backend import ScriptedBackend
-from medrwr_edge.runtime.steps import Query, RetrievedDoc
+from medrwr_edge.evidence.record import Query, RetrievedDoc
 
 
 class FakeRetriever:
@@ -55,7 +55,7 @@ def chat_validator():
     from jsonschema import Draft202012Validator
     from referencing import Registry, Resource
 
-    from medrwr_edge.evidence.record_io import load_schema
+    from medrwr_edge.evidence.record import load_schema
 
     evidence, chat = load_schema("evidence"), load_schema("chat")
     registry = Registry().with_resources(

@@ -23,7 +23,7 @@ def run_all(tmp_path, monkeypatch):
 
 
 def test_ratios_are_parsed_from_the_shapes_benchmarks_print(run_all):
-    text = ("decode tok/s (median): LlamaTextBackend 10.22   raw llama-cpp-python 10.41   ratio 0.982 (goal >= 0.97)\n"
+    text = ("decode tok/s (median): LlamaBackend 10.22   raw llama-cpp-python 10.41   ratio 0.982 (goal >= 0.97)\n"
             "wall time per answer (median): continuation 3.10 s  re-encode 6.50 s  -> 2.10x faster\n"
             "bucketed / plain                       1.23x\n"
             "image (224x224, EfficientNet-L0)       45.1\n"

@@ -274,12 +274,12 @@ def test_fault_gives_one_error_line_and_leaves_nothing_behind(case: Fault, fws, 
     home = _damaged_log_home(fws, tmp_path) if case.name == "damaged answer log" else fws.home
     monkeypatch.setenv("MEDRWR_EDGE_HOME", str(home))
     if not case.loads_model:  # the fault must be caught before any model is loaded (and no slow default model runs)
-        from medrwr_edge.runtime import api
+        from medrwr_edge.runtime import backends
 
         def no_model(*a, **k):
             raise AssertionError("the model was loaded: the fault was not caught before loading it")
 
-        monkeypatch.setattr(api, "load_backend", no_model)
+        monkeypatch.setattr(backends, "load_backend", no_model)
     args = [str(a) for a in case.argv(fws, tmp_path)]
     shared_before, own_before = snapshot(fws.root), snapshot(tmp_path)
     capfd.readouterr()

@@ -9,7 +9,7 @@ from medrwr_edge.runtime import protocol as P
 from medrwr_edge.runtime.backend import ImageInput, SamplingSettings
 from medrwr_edge.runtime.loop import LoopConfig, MedRwRLoop, ReferenceImage
 from medrwr_edge.runtime.scripted_backend import ScriptedBackend
-from medrwr_edge.runtime.steps import EvidenceRecord, RetrievedDoc
+from medrwr_edge.evidence.record import EvidenceRecord, RetrievedDoc
 
 OPTIONS = P.parse_options(["A. Pneumonia", "B. Pneumothorax", "C. Effusion", "D. Normal"])
 QUESTION = "Which finding explains absent breath sounds and a hyperlucent hemithorax?"
@@ -184,12 +184,12 @@ def test_guided_on_a_real_model_serves_a_query_and_reads_the_letter_probability(
     import numpy as np
 
     from medrwr_edge.kb_pack.pack import Pack
-    from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+    from medrwr_edge.runtime.llama_backend import LlamaBackend
     from medrwr_edge.runtime.retrieval import PackTextRetriever
 
     question = "Which ICD-10-CM code is spontaneous tension pneumothorax?"
     options = P.parse_options(["A. J93.0", "B. J93.11", "C. J94.2", "D. J98.4"])
-    with LlamaTextBackend(smoke_gguf, n_ctx=4096) as be, Pack.open(small_icd_pack) as pack:
+    with LlamaBackend(smoke_gguf, n_ctx=4096) as be, Pack.open(small_icd_pack) as pack:
         assert be.info.declares_protocol is False
         cfg = LoopConfig(protocol="guided", sampling=SamplingSettings(max_tokens=64), generation_reserve_tokens=128,
                          guided_think_tokens=24)

@@ -112,9 +112,9 @@ def scripted_session_ask(packs, history, query, log=False):
     rec = ask(None, "Which code applies?", ["A. J44.9", "B. I10"], packs=packs, image_pack=False, backend=be,
               cdir=False, history=history)
     if log:
-        from medrwr_edge.evidence.log import log_answer
+        from medrwr_edge.evidence.log import log_if_enabled
 
-        log_answer(rec, "ask")
+        log_if_enabled(rec, "ask")
     return rec
 
 
@@ -494,12 +494,12 @@ def test_cli_ask_with_history_on_a_real_model(home, notes, knowledge_packs, smok
     from test_ask import _real_backend
 
     from medrwr_edge.evidence.log import AnswerLog
-    from medrwr_edge.runtime import api
+    from medrwr_edge.runtime import backends
 
     assert cli("history", "add", KEY_A, notes["a.txt"], "--date", "2024-03-01") == 0
     capsys.readouterr()
     forced = {0: "<think> Check the patient's record for the nodule. </think>\n<query> lung nodule follow-up </query>"}
-    monkeypatch.setattr(api, "load_backend", lambda model, settings: ForcedPasses(_real_backend(smoke_gguf), forced))
+    monkeypatch.setattr(backends, "load_backend", lambda model, settings: ForcedPasses(_real_backend(smoke_gguf), forced))
     code = cli("ask", "-", "Is follow-up imaging of the lung nodule planned?", "-o", "A. Yes", "-o", "B. No",
                "--pack", knowledge_packs[0], "--model", smoke_gguf, "--history", KEY_A, "--max-tokens", "24",
                "--ctx", "4096", "--threads", "1", "--no-cdir", "--json")

@@ -1,4 +1,4 @@
-"""LlamaTextBackend on a real GGUF (SmolLM2-135M-Instruct Q4_1): sampling, stop strings, KV continuation,
+"""LlamaBackend on a real GGUF (SmolLM2-135M-Instruct Q4_1): sampling, stop strings, KV continuation,
 rollback, saved state, token accounting, bad model files, context limits."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from medrwr_edge.runtime import llama_native
 from medrwr_edge.runtime.backend import Backend, ImageInput, SamplingSettings
 from medrwr_edge.runtime.llama_backend import (
     ContextFullError,
-    LlamaTextBackend,
+    LlamaBackend,
     _first_stop,
     _partial_stop_len,
 )
@@ -57,7 +57,7 @@ def gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def shared_backend(gguf):
-    with LlamaTextBackend(str(gguf), n_threads=THREADS, n_ctx=2048, sha256="0" * 64) as b:
+    with LlamaBackend(str(gguf), n_threads=THREADS, n_ctx=2048, sha256="0" * 64) as b:
         yield b
 
 
@@ -71,7 +71,7 @@ def _ids(gen) -> list[int]:
     return [t.token_id for t in gen.tokens]
 
 
-def _kv_matches(b: LlamaTextBackend) -> bool:
+def _kv_matches(b: LlamaBackend) -> bool:
     """The token list and the llama.cpp KV cache agree on the sequence length."""
     return b._ctx.kv_positions() == b.n_tokens()
 
@@ -87,7 +87,7 @@ def test_implements_backend_protocol(backend):
 def test_sha256_computed_lazily_when_not_given(gguf):
     from medrwr_edge.paths import sha256_file
 
-    with LlamaTextBackend(str(gguf), n_threads=THREADS, n_ctx=256) as b:
+    with LlamaBackend(str(gguf), n_threads=THREADS, n_ctx=256) as b:
         assert b.info._sha256 is None
         assert b.info.model_sha256 == sha256_file(gguf)
 
@@ -316,14 +316,14 @@ def test_missing_corrupt_and_truncated_gguf_give_one_line_model_error(gguf, tmp_
     }
     for path, words in cases.items():
         with pytest.raises(ModelError) as err:
-            LlamaTextBackend(str(path), n_threads=THREADS, n_ctx=256)
+            LlamaBackend(str(path), n_threads=THREADS, n_ctx=256)
         message = str(err.value)
         assert words in message and "\n" not in message and str(path) in message
 
 
 @pytest.mark.real_model
 def test_context_full_stops_generation_and_refuses_appends(gguf):
-    with LlamaTextBackend(str(gguf), n_threads=THREADS, n_ctx=256) as b:
+    with LlamaBackend(str(gguf), n_threads=THREADS, n_ctx=256) as b:
         n_ctx = b.info.n_ctx
         counting = b.tokenize(", ".join(str(i) for i in range(1, 400)))
         assert len(counting) > n_ctx
@@ -342,7 +342,7 @@ def test_context_full_stops_generation_and_refuses_appends(gguf):
 
 @pytest.mark.real_model
 def test_n_ctx_is_capped_at_training_context(gguf):
-    with LlamaTextBackend(str(gguf), n_threads=THREADS, n_ctx=10_000_000) as b:
+    with LlamaBackend(str(gguf), n_threads=THREADS, n_ctx=10_000_000) as b:
         train = b._model.facts.n_ctx_train
         assert b.info.n_ctx == train
         assert any("capped" in note for note in b.info.notes)
@@ -352,7 +352,7 @@ def test_n_ctx_is_capped_at_training_context(gguf):
 def test_gpu_request_on_cpu_only_build_is_noted(gguf):
     if llama_native.supports_gpu_offload():
         pytest.skip("this llama.cpp build can offload to a GPU")
-    with LlamaTextBackend(str(gguf), n_threads=THREADS, n_ctx=256, gpu_layers=99) as b:
+    with LlamaBackend(str(gguf), n_threads=THREADS, n_ctx=256, gpu_layers=99) as b:
         assert b.info.device == "cpu" and b.info.gpu_layers == 0
         assert "GPU offload requested but this llama.cpp build is CPU-only; ran on CPU" in b.info.notes
 

@@ -20,7 +20,8 @@ from evidence_helpers import (  # noqa: F401  (fixtures)
 )
 from medrwr_edge.errors import InputError, MedrwrError
 from medrwr_edge.evidence import log as answer_log
-from medrwr_edge.evidence.log import AnswerLog, append_record, log_answer, logging_enabled, read_logged_record
+from medrwr_edge.evidence.log import AnswerLog, append_record, log_if_enabled, logging_enabled, read_logged_record
+from medrwr_edge.evidence.privacy import scrub_record
 
 CLI_MAIN = "from medrwr_edge.cli import main; main()"  # what the `medrwr-edge` console script runs
 
@@ -67,12 +68,12 @@ def test_logging_switches(monkeypatch, record, medrwr_home):
     for value in ("1", "true", "YES", "on"):
         monkeypatch.setenv("MEDRWR_EDGE_NO_LOG", value)
         assert not logging_enabled()
-        assert log_answer(record) is None
+        assert log_if_enabled(record) is None
     assert not (medrwr_home / "answers.sqlite").exists()
     monkeypatch.setenv("MEDRWR_EDGE_NO_LOG", "0")
     assert logging_enabled()
-    assert log_answer(record, no_log=True) is None and not (medrwr_home / "answers.sqlite").exists()
-    assert log_answer(record) == 1
+    assert log_if_enabled(record, no_log=True) is None and not (medrwr_home / "answers.sqlite").exists()
+    assert log_if_enabled(record) == 1
 
 
 def test_no_patient_identifiers_are_stored(evidence_packs, fake_encoders, medrwr_home):
@@ -114,7 +115,7 @@ def _v1_database(path: Path, record: dict) -> None:
 def test_old_log_is_migrated_in_place(record, medrwr_home):
     medrwr_home.mkdir(parents=True)
     path = medrwr_home / "answers.sqlite"
-    _v1_database(path, answer_log.scrub_record(record))
+    _v1_database(path, scrub_record(record))
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     assert "queries" not in [r[1] for r in conn.execute("PRAGMA table_info(answers)")]

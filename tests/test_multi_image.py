@@ -27,7 +27,7 @@ from medrwr_edge.runtime import protocol as P
 from medrwr_edge.runtime.backend import ImageInput, SamplingSettings
 from medrwr_edge.runtime.loop import LoopConfig, MedRwRLoop, ReferenceImage
 from medrwr_edge.runtime.scripted_backend import ScriptedBackend
-from medrwr_edge.runtime.steps import EvidenceRecord
+from medrwr_edge.evidence.record import EvidenceRecord
 from medrwr_edge.runtime.studies import prepare_studies
 
 PRIOR = ImageInput(pixels=None, sha256="aa" * 32, role="prior", study_date="2023-04-01")
@@ -218,9 +218,9 @@ def test_cli_prior_json_and_report(evidence_packs, fake_encoders, input_png, tmp
 
     from evidence_helpers import _png
     from medrwr_edge.cli import app
-    from medrwr_edge.runtime import api
+    from medrwr_edge.runtime import backends
 
-    monkeypatch.setattr(api, "load_backend", lambda model, settings: ScriptedBackend(QUERY_THEN_ANSWER, probs=PROBS))
+    monkeypatch.setattr(backends, "load_backend", lambda model, settings: ScriptedBackend(QUERY_THEN_ANSWER, probs=PROBS))
     prior = _png(tmp_path / "prior.png", (60, 190, 60), size=(100, 90), pattern=2)
     text_pack, image_pack, _ = evidence_packs
     report = tmp_path / "r.html"
@@ -265,8 +265,8 @@ def test_real_model_two_image_ask_through_the_cli(smoke_gguf, small_icd_pack, sm
     from forcing import ForcedPasses
     from medrwr_edge.cli import app
     from medrwr_edge.paths import sha256_file
-    from medrwr_edge.runtime import api
-    from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+    from medrwr_edge.runtime import backends
+    from medrwr_edge.runtime.llama_backend import LlamaBackend
 
     from medrwr_edge.imaging import load_image
 
@@ -275,12 +275,12 @@ def test_real_model_two_image_ask_through_the_cli(smoke_gguf, small_icd_pack, sm
     made = []
 
     def real(model, settings):
-        be = LlamaTextBackend(str(smoke_gguf), n_ctx=4096, sha256=sha256_file(smoke_gguf), n_threads=1)
+        be = LlamaBackend(str(smoke_gguf), n_ctx=4096, sha256=sha256_file(smoke_gguf), n_threads=1)
         made.append(be)
         return ForcedPasses(be, {0: "<think> compare the studies </think>\n<query> pneumothorax </query>",
                                  1: " </think>\n<answer> A </answer>"})
 
-    monkeypatch.setattr(api, "load_backend", real)
+    monkeypatch.setattr(backends, "load_backend", real)
     args = ["ask", str(ct_png), "Is the finding new?", "-o", "A. Pneumothorax", "-o", "B. Asthma", "--prior",
             str(prior), "--pack", str(small_icd_pack), "--image-pack", str(small_image_pack), "--threshold", "1.0",
             "--max-tokens", "12", "--json", "--no-log"]
@@ -390,7 +390,7 @@ def test_the_answer_log_keeps_only_the_year_of_study_dates_and_replay_still_matc
                                                                                      tmp_path, medrwr_home):
     """The record keeps full dates (the model compares intervals); the log cuts them to the year everywhere,
     and replaying the logged answer cuts the new run's dates the same way before comparing."""
-    from medrwr_edge.evidence.log import AnswerLog, log_answer
+    from medrwr_edge.evidence.log import AnswerLog, log_if_enabled
     from medrwr_edge.evidence.replay import replay
     from evidence_helpers import PROBS, QUERY_THEN_ANSWER
 
@@ -399,7 +399,7 @@ def test_the_answer_log_keeps_only_the_year_of_study_dates_and_replay_still_matc
     text_pack, image_pack, _ = evidence_packs
     rec = run_scripted(text_pack, image_pack, [prior, current])
     assert "2023-04-01" in rec.prompt
-    log_id = log_answer(rec, "ask")
+    log_id = log_if_enabled(rec, "ask")
     with AnswerLog() as log:
         logged = log.record(log_id)
     text = json.dumps(logged)

@@ -14,7 +14,7 @@ from medrwr_edge.runtime.api import ask
 from medrwr_edge.runtime.backend import GeneratedToken, Generation, ImageInput, SamplingSettings
 from medrwr_edge.runtime.loop import LoopConfig, MedRwRLoop, ReferenceImage
 from medrwr_edge.runtime.scripted_backend import ScriptedBackend
-from medrwr_edge.runtime.steps import EvidenceRecord
+from medrwr_edge.evidence.record import EvidenceRecord
 
 MCQ = P.parse_options(["A. Pneumonia", "B. Asthma", "C. Effusion"])
 IMAGE = ImageInput(pixels=None, sha256="cd" * 32)
@@ -156,10 +156,10 @@ class ForcedSpan:
 
 def _real(smoke_gguf, forced, made):
     from medrwr_edge.paths import sha256_file
-    from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+    from medrwr_edge.runtime.llama_backend import LlamaBackend
 
     def load(model, settings):
-        inner = LlamaTextBackend(str(smoke_gguf), n_ctx=4096, sha256=sha256_file(smoke_gguf), n_threads=1)
+        inner = LlamaBackend(str(smoke_gguf), n_ctx=4096, sha256=sha256_file(smoke_gguf), n_threads=1)
         inner.info.declares_protocol = True  # forced into the protocol's text: `auto` runs it native
         be = ForcedSpan(inner, forced)
         made.append(be)
@@ -173,11 +173,11 @@ def test_real_model_top_k_differential_through_the_cli(smoke_gguf, tmp_path, mon
     from typer.testing import CliRunner
 
     from medrwr_edge.cli import app
-    from medrwr_edge.runtime import api
+    from medrwr_edge.runtime import backends
 
     answer = " 1. Pneumothorax\n2. Pleural effusion\n3. Rib fracture "
     made = []
-    monkeypatch.setattr(api, "load_backend", _real(smoke_gguf, {0: "<think> no breath sounds </think>\n<answer>"
+    monkeypatch.setattr(backends, "load_backend", _real(smoke_gguf, {0: "<think> no breath sounds </think>\n<answer>"
                                                                    + answer + "</answer>"}, made))
     args = ["ask", "-", "Sudden chest pain and absent breath sounds on one side: what are the likely diagnoses?",
             "--top-k-diagnoses", "3", "--no-retrieval", "--max-tokens", "16", "--no-log"]
@@ -209,10 +209,10 @@ def test_real_model_untagged_answer_through_the_cli(smoke_gguf, monkeypatch):
     from typer.testing import CliRunner
 
     from medrwr_edge.cli import app
-    from medrwr_edge.runtime import api
+    from medrwr_edge.runtime import backends
 
     made = []
-    monkeypatch.setattr(api, "load_backend", _real(smoke_gguf, {0: "B. Asthma"}, made))
+    monkeypatch.setattr(backends, "load_backend", _real(smoke_gguf, {0: "B. Asthma"}, made))
     res = CliRunner().invoke(app, ["ask", "-", "Wheeze that reverses with a bronchodilator?", "-o", "A. Pneumonia",
                                    "-o", "B. Asthma", "--no-retrieval", "--json", "--no-log"])
     assert res.exit_code == 0, res.output

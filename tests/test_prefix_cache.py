@@ -11,9 +11,9 @@ pytestmark = pytest.mark.real_model
 
 
 def _run(gguf, cache_dir, question):
-    from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+    from medrwr_edge.runtime.llama_backend import LlamaBackend
 
-    be = LlamaTextBackend(str(gguf), n_ctx=2048, n_threads=1, prefix_cache_dir=str(cache_dir))
+    be = LlamaBackend(str(gguf), n_ctx=2048, n_threads=1, prefix_cache_dir=str(cache_dir))
     try:
         be.reset()
         be.prefill(P.chatml_prompt(P.SYSTEM_PROMPT_TEXT, question))
@@ -46,12 +46,12 @@ def test_damaged_cache_entry_is_recomputed(smoke_gguf, tmp_path):
 def test_a_state_from_another_setup_is_never_restored(smoke_gguf, tmp_path):
     """The key covers what decides the KV bytes: a state saved with another n_batch (or device, offload, flash
     attention, KV type, llama.cpp build) is not found, so it is computed instead of restored."""
-    from medrwr_edge.runtime.llama_backend import LlamaTextBackend, PrefixCache
+    from medrwr_edge.runtime.llama_backend import LlamaBackend, PrefixCache
     from medrwr_edge.runtime.llama_native import build_id
 
     question = "What is a pneumothorax?\nA. air\nB. fluid"
     _run(smoke_gguf, tmp_path, question)  # n_batch 512: stored
-    be = LlamaTextBackend(str(smoke_gguf), n_ctx=2048, n_batch=256, n_threads=1, prefix_cache_dir=str(tmp_path))
+    be = LlamaBackend(str(smoke_gguf), n_ctx=2048, n_batch=256, n_threads=1, prefix_cache_dir=str(tmp_path))
     try:
         identity = be.kv_identity()
         be.prefill(P.chatml_prompt(P.SYSTEM_PROMPT_TEXT, question))

@@ -147,10 +147,10 @@ def test_cli_error_line_for_a_corrupt_identified_dicom(dicoms, tmp_path):
 
 @pytest.fixture
 def scripted(monkeypatch):
-    from medrwr_edge.runtime import api
+    from medrwr_edge.runtime import backends
     from medrwr_edge.runtime.scripted_backend import ScriptedBackend
 
-    monkeypatch.setattr(api, "load_backend", lambda model, settings: ScriptedBackend(QUERY_THEN_ANSWER, probs=PROBS))
+    monkeypatch.setattr(backends, "load_backend", lambda model, settings: ScriptedBackend(QUERY_THEN_ANSWER, probs=PROBS))
 
 
 def test_every_command_on_identified_dicoms_leaks_nothing(dicoms, encoders, scripted, tmp_path, monkeypatch, capfd,

@@ -228,7 +228,7 @@ def test_cli_replay_identical_and_diverged(evidence_packs, fake_encoders, input_
 
     from medrwr_edge.cli import app
     from medrwr_edge.evidence.log import append_record
-    from medrwr_edge.runtime import api
+    from medrwr_edge.runtime import backends
 
     model = tmp_path / "scripted-model.gguf"
     model.write_bytes(b"GGUF scripted stand-in")
@@ -238,7 +238,7 @@ def test_cli_replay_identical_and_diverged(evidence_packs, fake_encoders, input_
     path = record_json(tmp_path, rec)
 
     script = {"outputs": QUERY_THEN_ANSWER}
-    monkeypatch.setattr(api, "load_backend", lambda m, settings: _backend(script["outputs"], model_file=m))
+    monkeypatch.setattr(backends, "load_backend", lambda m, settings: _backend(script["outputs"], model_file=m))
     runner = CliRunner()
     res = runner.invoke(app, ["replay", str(path), "--image", str(input_png), "--json"])
     assert res.exit_code == 0, res.output

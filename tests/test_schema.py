@@ -18,8 +18,8 @@ from evidence_helpers import (  # noqa: F401  (fixtures)
     run_scripted,
     validator,
 )
-from medrwr_edge.evidence.record_io import load_schema, record_from_dict, schema_path
-from medrwr_edge.runtime import steps
+from medrwr_edge.evidence.record import load_schema, record_from_dict, schema_path
+from medrwr_edge.evidence import record as steps
 from medrwr_edge.runtime.api import AskSettings
 from medrwr_edge.runtime.scripted_backend import ScriptedBackend
 
@@ -57,7 +57,7 @@ def _props(schema: dict, ref: str) -> dict:
     (steps.PassStats, "pass"), (AskSettings, "settings"),
 ])
 def test_schema_names_exactly_the_dataclass_fields(cls, ref):
-    """A field added to runtime/steps.py (or AskSettings) without documenting it here fails this test."""
+    """A field added to evidence/record.py (or AskSettings) without documenting it here fails this test."""
     node = _props(load_schema(), ref)
     fields = {f.name for f in dataclasses.fields(cls)}
     assert set(node["properties"]) == fields
@@ -68,13 +68,14 @@ def test_schema_names_exactly_the_dataclass_fields(cls, ref):
 
 def test_schema_names_exactly_the_model_and_pack_keys(evidence_packs):
     from medrwr_edge.kb_pack.pack import Pack
-    from medrwr_edge.runtime.api import _model_record, _pack_record
+    from medrwr_edge.kb_pack.opening import pack_record
+    from medrwr_edge.runtime.backends import model_record
 
     schema = load_schema()
     # "engine" is added by Session.ask only when an inference server generated the tokens (--engine)
-    assert set(_model_record(ScriptedBackend([]))) == set(schema["$defs"]["model"]["properties"]) - {"engine"}
+    assert set(model_record(ScriptedBackend([]))) == set(schema["$defs"]["model"]["properties"]) - {"engine"}
     with Pack.open(evidence_packs[0]) as pack:
-        assert set(_pack_record(pack, "knowledge")) == set(schema["$defs"]["pack"]["properties"])
+        assert set(pack_record(pack, "knowledge")) == set(schema["$defs"]["pack"]["properties"])
 
 
 SCENARIOS = {
@@ -150,10 +151,10 @@ def test_cli_ask_json_validates(evidence_packs, fake_encoders, input_png, medrwr
     from typer.testing import CliRunner
 
     from medrwr_edge.cli import app
-    from medrwr_edge.runtime import api
+    from medrwr_edge.runtime import backends
     from evidence_helpers import PROBS, QUERY_THEN_ANSWER
 
-    monkeypatch.setattr(api, "load_backend", lambda model, settings: ScriptedBackend(QUERY_THEN_ANSWER, probs=PROBS))
+    monkeypatch.setattr(backends, "load_backend", lambda model, settings: ScriptedBackend(QUERY_THEN_ANSWER, probs=PROBS))
     text_pack, image_pack, _ = evidence_packs
     args = ["ask", str(input_png), QUESTION, *sum((["-o", o] for o in OPTIONS), []), "--pack", str(text_pack),
             "--image-pack", str(image_pack), "--json"]

@@ -745,10 +745,10 @@ def test_real_smollm2_through_a_real_server(loopback_network, smoke_gguf, small_
             self.inner.reset()
 
     def factory():
-        from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+        from medrwr_edge.runtime.llama_backend import LlamaBackend
 
         # The prefix cache restores the system prompt's KV state after the first question (a busy CPU is slow).
-        inner = LlamaTextBackend(smoke_gguf, n_ctx=2048, n_threads=1, prefix_cache_dir=str(tmp_path / "kv"))
+        inner = LlamaBackend(smoke_gguf, n_ctx=2048, n_threads=1, prefix_cache_dir=str(tmp_path / "kv"))
         be = ForcedEachQuestion(inner, {0: "<think> Air around the lung. </think>\n<query> pneumothorax </query>"})
         return Session(packs=[small_icd_pack], image_pack=False, backend=be,
                        settings=AskSettings(max_tokens=16, n_ctx=2048, top_k_docs=1, max_passes=2))  # a busy CPU

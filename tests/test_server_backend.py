@@ -48,9 +48,9 @@ def _server_backend(url, **kw):
 
 def _local_backend(gguf):
     from medrwr_edge.paths import sha256_file
-    from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+    from medrwr_edge.runtime.llama_backend import LlamaBackend
 
-    return LlamaTextBackend(str(gguf), n_ctx=4096, n_threads=1, sha256=sha256_file(gguf))
+    return LlamaBackend(str(gguf), n_ctx=4096, n_threads=1, sha256=sha256_file(gguf))
 
 
 def _prompt():

@@ -1,4 +1,4 @@
-"""Speculative decoding (runtime/speculative.py + LlamaTextBackend.generate): drafts from prompt lookup and from a
+"""Speculative decoding (runtime/speculative.py + LlamaBackend.generate): drafts from prompt lookup and from a
 draft model, the acceptance rule, and — on a real model — output identical to plain decoding at temperature 0
 through stop strings, retrieved-text splices, rollbacks and the stop-string cut."""
 
@@ -9,7 +9,7 @@ import pytest
 
 from medrwr_edge.errors import InputError
 from medrwr_edge.runtime.backend import SamplingSettings
-from medrwr_edge.runtime.llama_backend import LlamaTextBackend
+from medrwr_edge.runtime.llama_backend import LlamaBackend
 from medrwr_edge.runtime.speculative import DraftLength, lookup_draft
 
 # ---- prompt lookup -----------------------------------------------------------------------------------------
@@ -90,8 +90,8 @@ def gguf():
     return _smoke_gguf()
 
 
-def _backend(gguf, mode: str, flash_attn: bool) -> LlamaTextBackend:
-    return LlamaTextBackend(
+def _backend(gguf, mode: str, flash_attn: bool) -> LlamaBackend:
+    return LlamaBackend(
         str(gguf), n_threads=THREADS, n_ctx=2048, sha256="0" * 64, speculative=mode,
         draft_model=str(gguf) if mode == "draft" else None, flash_attn=flash_attn, n_draft=4, adaptive_draft=False,
     )
@@ -110,7 +110,7 @@ def backends(gguf, request):
         made[mode].close()
 
 
-def _turn(b: LlamaTextBackend, question: str, settings: SamplingSettings) -> list:
+def _turn(b: LlamaBackend, question: str, settings: SamplingSettings) -> list:
     """A Med-RwR-like turn: a pass to a stop, a retrieved splice, a second pass, a rollback and a regeneration.
     Returns everything observable: texts, token ids, probabilities, stop data, and the token list after each step."""
     out = []
@@ -245,9 +245,9 @@ def test_sampled_turns_equal_plain_sampling(backends):
 
 def test_bad_modes_are_refused(gguf):
     with pytest.raises(InputError, match="speculative must be one of"):
-        LlamaTextBackend(str(gguf), n_ctx=256, n_threads=1, sha256="0" * 64, speculative="fast")
+        LlamaBackend(str(gguf), n_ctx=256, n_threads=1, sha256="0" * 64, speculative="fast")
     with pytest.raises(InputError, match="needs a draft model"):
-        LlamaTextBackend(str(gguf), n_ctx=256, n_threads=1, sha256="0" * 64, speculative="draft")
+        LlamaBackend(str(gguf), n_ctx=256, n_threads=1, sha256="0" * 64, speculative="draft")
 
 
 def test_settings_resolve_to_backend_arguments():
@@ -261,11 +261,11 @@ def test_settings_resolve_to_backend_arguments():
 
 @pytest.mark.real_model
 def test_auto_is_plain_decoding_on_cpu_and_the_record_says_so(gguf):
-    from medrwr_edge.runtime.api import _model_record
+    from medrwr_edge.runtime.backends import model_record
 
-    with LlamaTextBackend(str(gguf), n_ctx=256, n_threads=1, sha256="0" * 64, speculative="auto") as b:
+    with LlamaBackend(str(gguf), n_ctx=256, n_threads=1, sha256="0" * 64, speculative="auto") as b:
         assert b.speculative == "off"
-        assert _model_record(b)["speculative"] == {"mode": "off", "requested": "auto"}
+        assert model_record(b)["speculative"] == {"mode": "off", "requested": "auto"}
 
 
 @pytest.mark.real_model
@@ -279,7 +279,7 @@ def test_guided_turns_are_the_same_with_speculation(gguf, small_icd_pack):
     from medrwr_edge.runtime import protocol as P
     from medrwr_edge.runtime.loop import LoopConfig, MedRwRLoop
     from medrwr_edge.runtime.retrieval import PackTextRetriever
-    from medrwr_edge.runtime.steps import EvidenceRecord
+    from medrwr_edge.evidence.record import EvidenceRecord
 
     question = "Which ICD-10-CM code is spontaneous tension pneumothorax?"
     options = P.parse_options(["A. J93.0", "B. J93.11", "C. J94.2", "D. J98.4"])

@@ -176,7 +176,7 @@ def _encoder_sha(item: Item) -> set[str]:
 
 def default_selection() -> tuple[list[str], list[str], list[str]]:
     """(models, encoders, packs) used when none are named: whatever of the defaults is installed."""
-    from ..runtime.api import DEFAULT_IMAGE_PACK, DEFAULT_TEXT_PACK
+    from ..kb_pack.opening import DEFAULT_IMAGE_PACK, DEFAULT_TEXT_PACK
 
     models = [assets.QWEN_1_5B] if assets.is_installed(assets.QWEN_1_5B) else []
     encoders = [n for n in (assets.MINILM, assets.EFFICIENTNET) if assets.is_installed(n)]

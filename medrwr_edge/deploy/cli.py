@@ -9,6 +9,8 @@ from typing import List, Optional
 
 import typer
 
+from ..runtime import cli_options as O
+
 bundle_app = typer.Typer(no_args_is_help=True, help="Signed deployment bundles for offline workstations.")
 
 
@@ -123,8 +125,8 @@ def doctor_command(
     check_prediction: bool = typer.Option(False, "--check-prediction",
                                           help="run one real ask and compare its time with the prediction"),
     pack: Optional[List[str]] = typer.Option(None, "--pack", "-p", help="text pack for search timing and the check"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (default: physical cores)"),
-    max_tokens: int = typer.Option(512, "--max-tokens", help="token limit per pass in the --check-prediction run"),
+    threads: Optional[int] = O.THREADS,
+    max_tokens: Optional[int] = O.MAX_TOKENS,
     quick: bool = typer.Option(False, "--quick", help="shorter speed measurement (32 prompt / 8 decoded tokens)"),
 ) -> None:
     from .doctor import format_report, run_doctor

@@ -295,7 +295,7 @@ def measure_image_encode(encoder_dir: Optional[Path] = None, repeats: int = 3) -
 def measure_search(pack: Optional[str] = None, repeats: int = 3) -> Optional[dict]:
     """Seconds for one hybrid search (query embedding included) of the installed default text pack, or `pack`."""
     from ..kb_pack.pack import Pack, resolve_pack_path
-    from ..runtime.api import DEFAULT_TEXT_PACK
+    from ..kb_pack.opening import DEFAULT_TEXT_PACK
 
     path = resolve_pack_path(pack or DEFAULT_TEXT_PACK)
     if not path.is_dir():
@@ -353,14 +353,15 @@ def predict_for_counts(llm: dict, tokens: dict, n_retrievals: int, cdir: bool, i
 
 
 def check_prediction(model_path: Path, llm: dict, prediction: dict, image_encode_ms: Optional[float],
-                     search_ms: Optional[float], packs: Optional[list[str]] = None, max_tokens: int = 512,
+                     search_ms: Optional[float], packs: Optional[list[str]] = None, max_tokens: Optional[int] = None,
                      n_threads: Optional[int] = None) -> dict:
     """Run one real `ask` (the typical question, greedy) and compare its time with both predictions."""
-    from ..runtime.api import DEFAULT_TEXT_PACK, AskSettings, Session
+    from ..kb_pack.opening import DEFAULT_TEXT_PACK
+    from ..runtime.api import AskSettings, Session
 
     use_packs = packs if packs else ([DEFAULT_TEXT_PACK] if (packs_dir() / DEFAULT_TEXT_PACK).is_dir() else [])
-    settings = AskSettings(max_tokens=max_tokens, n_threads=n_threads or llm["threads"],
-                           retrieval=bool(use_packs), prefix_cache=False)
+    settings = AskSettings.from_options(max_tokens=max_tokens, n_threads=n_threads or llm["threads"],
+                                        retrieval=bool(use_packs), prefix_cache=False)
     with Session(packs=use_packs, image_pack=False, model=model_path, settings=settings) as session:
         record = session.ask(None, TYPICAL_QUESTION, list(TYPICAL_OPTIONS))
     actual = float(record.timings["total"])
@@ -407,7 +408,7 @@ def resolve_model(model: Optional[str]) -> Optional[Path]:
 
 
 def run_doctor(model: Optional[str] = None, full: bool = False, measure: bool = True, check: bool = False,
-               packs: Optional[list[str]] = None, n_threads: Optional[int] = None, max_tokens: int = 512,
+               packs: Optional[list[str]] = None, n_threads: Optional[int] = None, max_tokens: Optional[int] = None,
                quick: bool = False) -> dict:
     """The whole report as a dict (schema medrwr-edge/doctor/1). quick: a 32-token prompt and 8 decoded tokens
     instead of 128 and 32 (less precise, for tests and very slow machines)."""

@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import InputError
+from ..runtime import cli_options as O
 
 BUILTIN = {
     "builtin:icd10": "the ICD-10-CM multiple-choice benchmark (300 items, committed manifest)",
@@ -82,15 +83,13 @@ def eval_command(
     pack: Optional[List[str]] = typer.Option(None, "--pack", "-p", help="knowledge pack (name or path; repeat)"),
     image_pack: Optional[str] = typer.Option(None, "--image-pack", help="CDIR reference image pack"),
     modes: str = typer.Option("plain,rag,retrieval,retrieval+cdir", "--modes", help="comma-separated modes"),
-    protocol: str = typer.Option("auto", "--protocol", help="auto, native or guided (auto: native for Med-RwR "
-                                 "models, guided for models never trained on the protocol); rag mode is its own"),
-    think_tokens: Optional[int] = typer.Option(None, "--think-tokens", help="guided/rag: tokens the model may think before its "
-                                     "query and before its answer (0: none; default: AskSettings')"),
-    no_exemplar: bool = typer.Option(False, "--no-exemplar", help="guided/rag: no worked example in the system turn"),
-    doc_words: Optional[int] = typer.Option(None, "--doc-words", help="guided/rag: cut each spliced entry to its first N words "
-                                  "(0: whole entries; default: AskSettings')"),
-    excerpt: Optional[str] = typer.Option(None, "--excerpt", help="guided/rag: which N words of each entry: focus "
-                                          "(the lines matching the question, options and query) or head (the first N)"),
+    protocol: Optional[str] = typer.Option(None, "--protocol", show_default="auto", help="auto, native or guided "
+                                           "(auto: native for Med-RwR models, guided for models never trained on "
+                                           "the protocol); rag mode is its own"),
+    think_tokens: Optional[int] = O.THINK_TOKENS,
+    no_exemplar: bool = O.NO_EXEMPLAR,
+    doc_words: Optional[int] = O.DOC_WORDS,
+    excerpt: Optional[str] = O.EXCERPT,
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N valid items"),
     workers: int = typer.Option(1, "--workers", help="worker processes (only 1 is useful on one CPU model)"),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: evaluate every N-th item starting at K"),
@@ -100,20 +99,17 @@ def eval_command(
     image_root: Optional[str] = typer.Option(None, "--image-root", help="folder relative image paths are in"),
     diagnosis_as_mcq: bool = typer.Option(False, "--diagnosis-as-mcq", help="DiagnosisArena: use its 4 options"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="GGUF used as LLM judge (open-ended)"),
-    threshold: float = typer.Option(0.8, "--threshold", help="CDIR confidence threshold (paper: 0.8)"),
-    max_tokens: int = typer.Option(512, "--max-tokens", help="token limit per generation pass"),
-    n_ctx: int = typer.Option(8192, "--ctx", help="context window (tokens)"),
-    seed: int = typer.Option(0, "--seed"),
-    gpu_layers: int = typer.Option(0, "--gpu-layers", help="layers to offload to a GPU build (-1: all)"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp CPU threads (default: physical "
-                                          "cores; 1 is far faster on a machine busy with other work)"),
+    threshold: Optional[float] = O.THRESHOLD,
+    max_tokens: Optional[int] = O.MAX_TOKENS,
+    n_ctx: Optional[int] = O.CTX,
+    seed: Optional[int] = O.SEED,
+    gpu_layers: Optional[int] = O.GPU_LAYERS,
+    threads: Optional[int] = O.THREADS,
     restart: bool = typer.Option(False, "--restart", help="discard what OUT already holds"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
-    engine: Optional[str] = typer.Option(None, "--engine", help="URL of an inference server (llama.cpp server, "
-                                         "vLLM) that generates the tokens; packs, evidence and logs stay here"),
-    engine_timeout: float = typer.Option(120.0, "--engine-timeout", help="seconds without a byte from --engine "
-                                         "before a request is given up"),
+    engine: Optional[str] = O.ENGINE,
+    engine_timeout: Optional[float] = O.ENGINE_TIMEOUT,
 ) -> None:
     from ..runtime.api import AskSettings, Session
     from .runner import MODES, parse_modes, run_eval
@@ -138,15 +134,12 @@ def eval_command(
             raise InputError(f"shard {k}/{n} of {total} items is empty")
     needs_cdir = any(MODES[m]["cdir"] for m in mode_list)
     needs_retrieval = any(MODES[m]["retrieval"] for m in mode_list)
-    if threads is not None and threads < 1:
-        raise InputError("--threads must be at least 1")
-    settings = AskSettings(seed=seed, max_tokens=max_tokens, n_ctx=n_ctx, gpu_layers=gpu_layers,
-                           cdir_threshold=threshold, retrieval=needs_retrieval, cdir=needs_cdir, n_threads=threads,
-                           protocol=protocol, guided_exemplar=not no_exemplar, engine=engine,
-                           engine_timeout=engine_timeout,
-                           **{k: v for k, v in (("guided_think_tokens", think_tokens), ("guided_doc_words", doc_words),
-                                                   ("guided_excerpt", excerpt))
-                              if v is not None})
+    settings = AskSettings.from_options(
+        seed=seed, max_tokens=max_tokens, n_ctx=n_ctx, gpu_layers=gpu_layers, cdir_threshold=threshold,
+        retrieval=needs_retrieval, cdir=needs_cdir, n_threads=threads, protocol=protocol,
+        guided_exemplar=O.switched(no_exemplar, "guided_exemplar"), engine=engine, engine_timeout=engine_timeout,
+        guided_think_tokens=think_tokens, guided_doc_words=doc_words, guided_excerpt=excerpt,
+    )
     if out is None:
         stem = Path(dataset).stem if not dataset.startswith("builtin:") else dataset.split(":", 1)[1]
         out = Path(f"eval-{stem}-{Path(model).stem if model else 'default'}")
@@ -170,7 +163,8 @@ def eval_command(
 
 
 def _judge(path: str, settings):
-    from ..runtime.api import AskSettings, load_backend
+    from ..runtime.api import AskSettings
+    from ..runtime.backends import load_backend
     from .scoring import LlmJudge
 
     return LlmJudge(load_backend(path, AskSettings(n_ctx=2048, gpu_layers=settings.gpu_layers)))

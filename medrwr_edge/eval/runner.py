@@ -296,9 +296,9 @@ def summarize(records: Sequence[dict], modes: Sequence[str]) -> dict:
 
 
 def run_header(session, dataset: dict, items: Sequence[EvalItem], modes: Sequence[str]) -> dict:
-    from ..runtime.api import _model_record
+    from ..runtime.backends import model_record
 
-    model = _model_record(session.backend)
+    model = model_record(session.backend)
     settings = dict(vars(session.settings))
     for per_mode in ("retrieval", "cdir"):
         settings.pop(per_mode, None)  # set per mode, not per run

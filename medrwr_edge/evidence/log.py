@@ -8,10 +8,8 @@ The schema is versioned with `PRAGMA user_version`; `MIGRATIONS[v]` brings a ver
 one transaction, so an old log is upgraded in place the first time a newer medrwr-edge opens it, and a log from a
 newer medrwr-edge is refused rather than damaged.
 
-Privacy: the log stores the question, the answer, the reasoning and the hashes of the input images. It never stores
-pixels or patient identifiers: image entries keep the sha256, size, format and an allow-list of technical DICOM
-facts; a DICOM study date is cut to its year, in the image entries and in every text (prompt labels, reasoning)
-(HIPAA Safe Harbor treats full dates as identifiers).
+Privacy: the log stores the question, the answer, the reasoning and the hashes of the input images, scrubbed by
+evidence/privacy.py (no pixels, no patient identifiers, study dates cut to the year).
 Logging is off with `MEDRWR_EDGE_NO_LOG=1` or a command's `--no-log`.
 """
 
@@ -27,17 +25,13 @@ from typing import Callable, Optional, Union
 
 from ..errors import InputError, MedrwrError
 from ..paths import data_dir
-from ..runtime.steps import EvidenceRecord
-from .record_io import as_dict, check_record_dict
+from .privacy import scrub_record
+from .record import EvidenceRecord, check_record_dict
 
 LOG_FILE = "answers.sqlite"
 NO_LOG_ENV = "MEDRWR_EDGE_NO_LOG"
 COMMANDS = ("ask", "chat", "eval", "replay", "api")
 BUSY_TIMEOUT_MS = 30_000
-
-# Image meta keys that may be logged (technical, non-identifying). Everything else is dropped.
-LOGGED_IMAGE_META = ("modality", "body_part", "view_position", "laterality", "photometric_interpretation",
-                     "window", "inverted")
 
 
 def log_path() -> Path:
@@ -121,56 +115,6 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
         conn.execute("ROLLBACK")
         raise
     return found
-
-
-# ------------------------------------------------------------------------------------------------ privacy
-
-
-def scrub_study_dates(data: dict) -> dict:
-    """`data` with each input image's full study date cut to its year in every text the model saw or wrote.
-
-    With priors the prompt labels each study with its date ("Prior study (2023-04-01):") and the reasoning may echo
-    it; the record keeps those (the model needs the interval), the log keeps only the year. Replay of a logged
-    answer applies the same cut to the new run before comparing. Timestamps of the run itself are left alone."""
-    from ..imaging import study_date_iso
-
-    dates = set()
-    for im in data.get("images") or []:
-        date = im.get("study_date") or study_date_iso(im.get("meta") or {})
-        if date:
-            dates.update({date, date.replace("-", "")})  # ISO as labelled, and DICOM's YYYYMMDD if echoed
-    if not dates:
-        return data
-
-    def cut(value):
-        if isinstance(value, str):
-            for date in sorted(dates, key=len, reverse=True):
-                value = value.replace(date, date[:4])
-            return value
-        if isinstance(value, list):
-            return [cut(v) for v in value]
-        if isinstance(value, dict):
-            return {k: cut(v) for k, v in value.items()}
-        return value
-
-    return {k: (v if k in ("images", "created", "timings", "settings", "model", "packs") else cut(v))
-            for k, v in data.items()}
-
-
-def scrub_record(record: Union[EvidenceRecord, dict]) -> dict:
-    """The record as logged: image entries reduced to hashes, size, format and technical meta; study dates cut to
-    the year everywhere."""
-    data = scrub_study_dates(as_dict(record))
-    images = []
-    for im in data.get("images") or []:
-        meta = im.get("meta") or {}
-        kept = {k: meta[k] for k in LOGGED_IMAGE_META if k in meta}
-        date = str(meta.get("study_date") or "")
-        if len(date) >= 4 and date[:4].isdigit():
-            kept["study_year"] = date[:4]
-        images.append({k: im.get(k) for k in ("sha256", "role", "format", "width", "height")} | {"meta": kept})
-    data["images"] = images
-    return data
 
 
 # ---------------------------------------------------------------------------------------------- the log
@@ -315,8 +259,10 @@ def append_record(record: Union[EvidenceRecord, dict], command: str = "ask",
         return log.append(record, command)
 
 
-def log_answer(record: Union[EvidenceRecord, dict], command: str = "ask", no_log: bool = False) -> Optional[int]:
-    """What a command calls after answering: the log id, or None when logging is off."""
+def log_if_enabled(record: Union[EvidenceRecord, dict], command: str = "ask",
+                   no_log: bool = False) -> Optional[int]:
+    """Append the answer unless logging is off (`no_log`: the command's --no-log; or MEDRWR_EDGE_NO_LOG): its log
+    id, or None when it was not logged."""
     if not logging_enabled(no_log):
         return None
     return append_record(record, command)
@@ -331,10 +277,10 @@ class Logged:
 
 
 def finish_answer(record: Union[EvidenceRecord, dict], command: str, no_log: bool = False) -> Logged:
-    """After every answer (`ask`, `serve`): append it to the answer log. An unwritable log must not cost the user
+    """After every answer (`ask`, `chat`, `serve`): append it to the answer log. An unwritable log must not cost the user
     the answer, so a failure is returned to the caller to report in its own words, never raised."""
     try:
-        return Logged(log_answer(record, command, no_log))
+        return Logged(log_if_enabled(record, command, no_log))
     except MedrwrError as e:
         return Logged(None, e)
 

@@ -20,8 +20,7 @@ from typing import Optional, Sequence, Union
 
 from ..errors import InputError, IntegrityError, ModelError
 from ..paths import sha256_file
-from ..runtime.steps import CdirRetrieve, EvidenceRecord, Query, Retrieve
-from .record_io import read_record_json, record_from_dict
+from .record import CdirRetrieve, EvidenceRecord, Query, Retrieve, read_record_json, record_from_dict
 
 PathLike = Union[str, os.PathLike]
 REPLAY_SCHEMA = "medrwr-edge/replay/1"
@@ -214,8 +213,8 @@ def replay(
         raise InputError(f"the record has settings this medrwr-edge does not know ({', '.join(unknown)}); "
                          "replay it with the version that made it")
     settings = AskSettings(**rec.settings)
-    if engine is not None:
-        settings.engine = engine  # the record's server moved, or an in-process record is replayed on a server
+    if engine is not None:  # the record's server moved, or an in-process record is replayed on a server
+        settings = settings.replace(engine=engine)
 
     verified = verify_images(rec, images)
     model_path, line = verify_model(rec, model, backend)
@@ -235,8 +234,8 @@ def replay(
         notes += engine_notes(rec, session.backend)
         again = session.ask([Path(p) for p in images] or None, rec.question, options or None)
 
-    # A logged record has its study dates cut to the year (evidence/log.py): cut the new run's the same way.
-    from .log import scrub_study_dates
+    # A logged record has its study dates cut to the year (evidence/privacy.py): cut the new run's the same way.
+    from .privacy import scrub_study_dates
 
     identical, divergence, differences = compare(record_from_dict(scrub_study_dates(rec.to_dict())),
                                                  record_from_dict(scrub_study_dates(again.to_dict())))

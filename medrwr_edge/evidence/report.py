@@ -22,8 +22,7 @@ from typing import Optional, Sequence, Union
 
 from ..errors import InputError
 from ..paths import atomic_write_text, sha256_file
-from ..runtime.steps import Answer, CdirRetrieve, EvidenceRecord, Query, Retrieve, Think
-from .record_io import record_from_dict
+from .record import Answer, CdirRetrieve, EvidenceRecord, Query, Retrieve, Think, record_from_dict
 
 PathLike = Union[str, os.PathLike]
 THUMBNAIL_PX = 320

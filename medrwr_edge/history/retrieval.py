@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from ..runtime.steps import RetrievedDoc
+from ..evidence.record import RetrievedDoc
 from .store import SOURCE, snippet_text
 
 DENSE_FLOOR = 0.40

@@ -347,3 +347,7 @@ def export(pack: str = typer.Argument(...), out: Path = typer.Option(..., "--out
             Path(tmp).unlink(missing_ok=True)
             raise
     typer.echo(f"exported {p.name} {p.version} -> {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(pack_app, name="pack", help="Build, verify, inspect, search and diff knowledge packs.")

@@ -6,89 +6,19 @@ import datetime as _dt
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from .. import __version__
-from ..errors import InputError, MedrwrError, ModelError
-from .backend import ImageInput, SamplingSettings
-from .loop import EventSink, LoopConfig, MedRwRLoop
-from .protocol import parse_options
-from .steps import EvidenceRecord
+from ..evidence.record import EvidenceRecord
+from ..kb_pack.opening import open_packs
+from . import backends
+from .backend import ImageInput
+from .loop import EventSink, MedRwRLoop
+from .settings import AskSettings, Question
 
-DEFAULT_TEXT_PACK = "icd10cm-core"
-DEFAULT_IMAGE_PACK = "reference-images"
-MAX_QUESTION_CHARS = 20_000
-PROTOCOL_CHOICES = ("auto", "native", "guided", "rag")
-EXCERPT_CHOICES = ("focus", "head")
+__all__ = ["AskSettings", "Question", "Session", "ask", "PreparedImages"]
 
 PathLike = Union[str, os.PathLike]
-
-
-@dataclass
-class AskSettings:
-    """Everything that decides the answer; recorded in the evidence so a run can be replayed."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k_sampling: int = 0
-    seed: int = 0
-    max_tokens: int = 512  # per generation pass
-    max_passes: int = 3
-    top_k_docs: int = 3
-    retrieval: bool = True
-    cdir: bool = True
-    cdir_threshold: float = 0.8
-    search_mode: Optional[str] = None  # None: each pack's default
-    n_ctx: int = 8192
-    gpu_layers: int = 0
-    prefix_cache: bool = True  # keep the system prompt's KV state on disk: faster first token, same output
-    n_threads: Optional[int] = None  # llama.cpp threads (None: physical cores); 1 is far faster on a busy CPU
-    top_k_diagnoses: Optional[int] = None  # open-ended: ask for a ranked differential of N (1..10) diagnoses
-    cdir_open_ended: bool = False  # CDIR on open-ended answers (their mean token probability); off by default
-    allow_mixed_modalities: bool = False  # accept a prior of another modality than the current image
-    # Several images are a patient's studies (priors + current: dated labels, one modality). False: independent
-    # figures of one question (MMMU's <image 1>, <image 2>): labelled "Image 1:", ..., no order or modality rules.
-    images_are_studies: bool = True
-    frame: Optional[int] = None  # multi-frame DICOM: which frame (slice) of the current image; None: the middle
-    # "auto": native for models trained on the Med-RwR protocol (exported Med-RwR bundles, GGUFs that declare it),
-    # guided for every other model; "native": the paper's protocol byte for byte; "guided": protocol guidance
-    # (runtime/loop.py); "rag": the baseline (one search on the question, entries in the user turn)
-    protocol: str = "auto"
-    guided_think_tokens: int = LoopConfig.guided_think_tokens  # guided/rag: thinking before the query and answer
-    guided_exemplar: bool = LoopConfig.guided_exemplar  # guided/rag, multiple choice: a worked example (system turn)
-    guided_doc_words: int = LoopConfig.guided_doc_words  # guided/rag: each spliced entry cut to N words (0: whole)
-    guided_excerpt: str = LoopConfig.guided_excerpt  # guided/rag: which N words ("focus" or "head"; LoopConfig)
-    engine: Optional[str] = None  # URL of an inference server (llama.cpp server, vLLM) that generates the tokens
-    engine_timeout: float = 120.0  # seconds without a byte from that server before a request is given up
-    # Speculative decoding (runtime/speculative.py): off, lookup (drafts copied from the sequence), draft (a small
-    # model of the same tokenizer, `draft_model` or the installed Qwen2.5-Coder-0.5B), auto (lookup on a GPU, off on
-    # CPU, where speculation measured slower). Greedy output is plain decoding's (README: speculative decoding).
-    speculative: str = "auto"
-    draft_model: Optional[str] = None
-
-    def resolved_protocol(self, backend) -> str:
-        if self.protocol != "auto":
-            return self.protocol
-        return "native" if backend.info.declares_protocol else "guided"
-
-    def loop_config(self, protocol: str = "native") -> LoopConfig:
-        return LoopConfig(
-            protocol=protocol,
-            guided_think_tokens=self.guided_think_tokens,
-            guided_exemplar=self.guided_exemplar,
-            guided_doc_words=self.guided_doc_words,
-            guided_excerpt=self.guided_excerpt,
-            max_passes=self.max_passes,
-            top_k=self.top_k_docs,
-            retrieval=self.retrieval,
-            cdir=self.cdir,
-            cdir_threshold=self.cdir_threshold,
-            cdir_open_ended=self.cdir_open_ended,
-            top_k_diagnoses=self.top_k_diagnoses,
-            sampling=SamplingSettings(self.temperature, self.top_p, self.top_k_sampling, self.seed, self.max_tokens),
-            generation_reserve_tokens=min(self.max_tokens, 512),
-        )
 
 
 class Session:
@@ -107,10 +37,10 @@ class Session:
         backend=None,
         history: Optional[str] = None,
     ):
-        self.settings = settings or AskSettings()
-        _check_settings(self.settings)
+        self.settings = settings or AskSettings()  # checked when it was made
         t0 = time.perf_counter()
-        self.text_packs, self.image_pack, self.pack_records = _open_packs(packs, image_pack, self.settings)
+        self.text_packs, self.image_pack, self.pack_records = open_packs(
+            packs, image_pack, retrieval=self.settings.retrieval, cdir=self.settings.cdir)
         self.history_pack = None  # a patient's history (history/store.py), searched beside the text packs
         if history is not None:
             try:
@@ -123,7 +53,7 @@ class Session:
             self.pack_records.insert(len(self.text_packs), history_record)
         self._owns_backend = backend is None
         try:
-            self.backend = backend if backend is not None else load_backend(model, self.settings)
+            self.backend = backend if backend is not None else backends.load_backend(model, self.settings)
         except BaseException:
             self._close_packs()
             raise
@@ -132,15 +62,23 @@ class Session:
 
     def ask(
         self,
-        image: Union[None, PathLike, Sequence[PathLike]],
-        question: str,
+        image: Union[None, PathLike, Sequence[PathLike], "PreparedImages"],
+        question: Union[str, Question],
         options: Optional[Sequence[str]] = None,
         on_event: Optional[EventSink] = None,
-        **overrides,
+        *,
+        settings: Optional[AskSettings] = None,
+        **changes,
     ) -> EvidenceRecord:
-        settings = _with_overrides(self.settings, overrides)
-        question = _check_question(question)
-        opts = parse_options(options or [])
+        """Answer one question. settings: this question's settings (default: the Session's), with `changes` (any
+        AskSettings field) on top. A `Question` or `PreparedImages` was checked by the caller and is used as is."""
+        settings = (settings or self.settings).replace(**changes)
+        if isinstance(question, Question):
+            if options:
+                raise TypeError("a checked Question carries its options: give them to Question.check")
+            q = question
+        else:
+            q = Question.check(question, options, settings)
         t0 = time.perf_counter()
         prepared = (image if isinstance(image, PreparedImages)
                     else PreparedImages.for_settings(image, settings))
@@ -157,10 +95,10 @@ class Session:
             settings.loop_config(settings.resolved_protocol(self.backend)),
         )
         record = EvidenceRecord(
-            question=question,
-            options=[{"letter": o.letter, "text": o.text} for o in opts],
+            question=q.text,
+            options=q.option_dicts(),
             images=image_records,
-            model=_model_record(self.backend),
+            model=backends.model_record(self.backend),
             packs=list(self.pack_records),
             settings=dict(vars(settings)),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -172,7 +110,7 @@ class Session:
             record.notes.append("the patient history was opened but not searched: retrieval is off (--no-retrieval)")
         if settings.cdir and images and self.image_pack is None:
             record.notes.append("CDIR unavailable: no image pack installed or given")
-        loop.run(record, question, opts, images, on_event)
+        loop.run(record, q.text, q.options, images, on_event)
         if hasattr(self.backend, "engine_record"):  # an inference server: which one, and its cache counters
             record.model["engine"] = self.backend.engine_record()
         record.timings.update(self.load_seconds)
@@ -220,78 +158,23 @@ def ask(
     on_event: Optional[EventSink] = None,
     backend=None,
     history: Optional[str] = None,
-    **overrides,
+    **changes,
 ) -> EvidenceRecord:
     """Answer `question` about `image` with Med-RwR reasoning-with-retrieval; return the evidence record.
 
     packs: text packs (names under the data directory or paths); default: the ICD-10-CM core pack.
     image_pack: the CDIR reference image pack; None: the default reference images (if installed); False: none.
     model: a GGUF file, an installed model name, or None for the default model.
-    overrides: any AskSettings field (e.g. seed=1, cdir=False).
+    changes: any AskSettings field (e.g. seed=1, cdir=False), on top of `settings`.
     history: a patient key: that patient's history (`medrwr-edge history add`) is searched beside the packs.
     """
-    settings = _with_overrides(settings or AskSettings(), overrides)
-    # Fail on bad input before loading anything heavy.
-    question = _check_question(question)
-    parse_options(options or [])
+    settings = (settings or AskSettings()).replace(**changes)
+    # Fail on bad input before loading anything heavy; checked here once, used as is by Session.ask.
+    q = Question.check(question, options, settings)
     prepared = PreparedImages.for_settings(image, settings)
     with Session(packs=packs, image_pack=image_pack, model=model, settings=settings, backend=backend,
                  history=history) as session:
-        return session.ask(prepared, question, options, on_event)
-
-
-def _with_overrides(base: AskSettings, overrides: dict) -> AskSettings:
-    """A checked copy of `base` with keyword overrides (any AskSettings field)."""
-    settings = AskSettings(**vars(base))
-    for key, value in overrides.items():
-        if not hasattr(settings, key):
-            raise TypeError(f"ask() got an unexpected setting {key!r}")
-        setattr(settings, key, value)
-    _check_settings(settings)
-    return settings
-
-
-def _check_settings(s: AskSettings) -> None:
-    if not 0.0 <= s.cdir_threshold <= 1.0:
-        raise InputError(f"--threshold must be between 0 and 1 (got {s.cdir_threshold})")
-    if s.temperature < 0:
-        raise InputError(f"temperature must be ≥ 0 (got {s.temperature})")
-    if s.max_tokens < 1 or s.max_passes < 1 or s.top_k_docs < 1:
-        raise InputError("max tokens, passes and documents per query must be at least 1")
-    if s.n_ctx < 512:
-        raise InputError(f"context size {s.n_ctx} is too small (at least 512)")
-    if s.n_threads is not None and s.n_threads < 1:
-        raise InputError("the thread count must be at least 1")
-    if s.engine_timeout <= 0:
-        raise InputError(f"--engine-timeout must be more than 0 seconds (got {s.engine_timeout})")
-    if s.frame is not None and (not isinstance(s.frame, int) or s.frame < 0):
-        raise InputError(f"--frame must be a frame number ≥ 0 (got {s.frame})")
-    if s.guided_think_tokens < 0 or s.guided_doc_words < 0:
-        raise InputError("guided_think_tokens and guided_doc_words must be ≥ 0 "
-                         f"(got {s.guided_think_tokens}, {s.guided_doc_words})")
-    if s.guided_excerpt not in EXCERPT_CHOICES:
-        raise InputError(f"guided_excerpt must be one of {', '.join(EXCERPT_CHOICES)} (got {s.guided_excerpt!r})")
-    if s.protocol not in PROTOCOL_CHOICES:
-        raise InputError(f"protocol must be one of {', '.join(PROTOCOL_CHOICES)} (got {s.protocol!r})")
-    if s.top_k_diagnoses is not None and not (isinstance(s.top_k_diagnoses, int) and 1 <= s.top_k_diagnoses <= 10):
-        raise InputError(f"--top-k-diagnoses must be between 1 and 10 (got {s.top_k_diagnoses})")
-
-
-def _check_question(question) -> str:
-    if isinstance(question, bytes):
-        try:
-            question = question.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InputError("the question is not valid UTF-8 text") from None
-    if not isinstance(question, str) or not question.strip():
-        raise InputError("the question is empty")
-    if len(question) > MAX_QUESTION_CHARS:
-        raise InputError(f"the question is {len(question):,} characters; the limit is {MAX_QUESTION_CHARS:,}")
-    try:
-        question.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InputError("the question contains characters that are not valid Unicode text") from None
-    return question.strip()
+        return session.ask(prepared, q, on_event=on_event)
 
 
 @dataclass
@@ -316,122 +199,3 @@ class PreparedImages:
     @classmethod
     def for_settings(cls, image, settings: "AskSettings") -> "PreparedImages":
         return cls.load(image, settings.allow_mixed_modalities, settings.images_are_studies, settings.frame)
-
-
-def _open_packs(packs, image_pack, settings: AskSettings):
-    from ..kb_pack.pack import Pack, resolve_pack_path
-
-    opened, records = [], []
-    use_default_text = packs is None
-    if use_default_text:
-        packs = [DEFAULT_TEXT_PACK] if settings.retrieval else []
-    text_packs = []
-    try:
-        for p in packs:
-            path = resolve_pack_path(p)
-            if use_default_text and not path.exists():
-                raise MedrwrError(
-                    f"the default knowledge pack '{DEFAULT_TEXT_PACK}' is not installed; run `medrwr-edge setup` "
-                    "or give --pack PATH (or --no-retrieval)"
-                )
-            pack = Pack.open(path)
-            opened.append(pack)
-            if pack.kind != "text":
-                raise InputError(f"--pack {p}: {pack.name} is an image pack; give it with --image-pack")
-            text_packs.append(pack)
-            records.append(_pack_record(pack, "knowledge"))
-        image_pack_obj = None
-        if settings.cdir and image_pack is not False:  # False: no image pack, not even the default
-            if image_pack is None:
-                default = resolve_pack_path(DEFAULT_IMAGE_PACK)
-                image_pack = default if default.exists() else None
-            if image_pack is not None:
-                image_pack_obj = Pack.open(resolve_pack_path(image_pack))
-                opened.append(image_pack_obj)
-                if image_pack_obj.kind != "image":
-                    raise InputError(f"--image-pack {image_pack}: {image_pack_obj.name} is not an image pack")
-                records.append(_pack_record(image_pack_obj, "cdir-reference-images"))
-    except BaseException:
-        for pack in opened:
-            pack.close()
-        raise
-    return text_packs, image_pack_obj, records
-
-
-def _pack_record(pack, role: str) -> dict:
-    return {
-        "name": pack.name,
-        "version": pack.version,
-        "kind": pack.kind,
-        "role": role,
-        "doc_count": pack.doc_count,
-        "encoder_sha256": pack.encoder_sha256,
-        "manifest_sha256": pack.manifest.get("manifest_sha256", ""),
-        "path": str(Path(pack.path).resolve()),
-    }
-
-
-def load_backend(model: Optional[PathLike], settings: AskSettings):
-    """The llama.cpp backend for a GGUF file or an installed model name (default: the default LLM), or the
-    inference server at settings.engine."""
-    if settings.engine:
-        if model is not None:
-            raise InputError("--engine generates with the model the server has loaded; --model is for the "
-                             "in-process backend: give one or the other")
-        from .server_backend import ServerBackend
-
-        return ServerBackend(settings.engine, timeout=settings.engine_timeout, n_ctx=settings.n_ctx,
-                             api_key=os.environ.get("MEDRWR_ENGINE_API_KEY") or None)
-    from .. import assets
-    from ..paths import cached_sha256, data_dir
-
-    if model is None:
-        path = assets.default_llm_path()
-    else:
-        path = Path(model)
-        if not path.exists() and os.sep not in str(model):
-            path = assets.installed_path(str(model))  # an installed model's name
-    from ..export.bundle import is_bundle
-
-    if is_bundle(path):  # an exported Med-RwR bundle: GGUF decoder + ONNX vision encoder, hashes checked
-        from .multimodal_backend import load_bundle
-
-        backend = load_bundle(path, n_ctx=settings.n_ctx, gpu_layers=settings.gpu_layers, seed=settings.seed)
-        backend.info.declares_protocol = True  # an exported Med-RwR checkpoint: trained on the protocol
-        return backend
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise ModelError(f"model directory {path} must hold exactly one .gguf file (found {len(ggufs)})")
-        path = ggufs[0]
-    assets.check_gguf(path)
-    from .llama_backend import LlamaTextBackend
-    from .speculative import speculative_args
-
-    return LlamaTextBackend(
-        path,
-        n_ctx=settings.n_ctx,
-        gpu_layers=settings.gpu_layers,
-        seed=settings.seed,
-        n_threads=settings.n_threads,
-        sha256=cached_sha256(path),
-        prefix_cache_dir=str(data_dir() / "prefix-cache") if settings.prefix_cache else None,
-        **speculative_args(settings.speculative, settings.draft_model),
-    )
-
-
-def _model_record(backend) -> dict:
-    info = backend.info
-    return {
-        "name": Path(info.model_path).name,
-        "path": str(Path(info.model_path).resolve()),
-        "sha256": info.model_sha256,
-        "backend": info.name,
-        "has_vision": info.has_vision,
-        "device": info.device,
-        "gpu_layers": info.gpu_layers,
-        "n_ctx": info.n_ctx,
-        "build": info.build,
-        "compute": dict(info.compute),
-        "speculative": backend.speculative_record() if hasattr(backend, "speculative_record") else {"mode": "off"},
-    }

@@ -34,7 +34,6 @@ questions, CDIR is off for chat answers, and the record says the image was not s
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime as _dt
 import json
@@ -47,11 +46,13 @@ from typing import Optional, Sequence, Union
 
 from .. import __version__
 from ..errors import InputError, MedrwrError
+from ..evidence.record import Answer, EvidenceRecord, Query, RetrievedDoc, Retrieve, Step
 from . import protocol as P
-from .api import AskSettings, PreparedImages, Session, _check_question, _model_record
+from .api import PreparedImages, Session
+from .backends import model_record
 from .backend import BackendStats, ImageInput, PromptPart, SamplingSettings
 from .loop import EventSink, MedRwRLoop, TextRetriever
-from .steps import Answer, EvidenceRecord, Query, RetrievedDoc, Retrieve, Step
+from .settings import AskSettings, check_text
 
 CHAT_SCHEMA = "medrwr-edge/chat/1"
 PathLike = Union[str, os.PathLike]
@@ -123,7 +124,7 @@ class ChatTurn:
         return [d for r in self.evidence.retrievals() for d in r.docs]
 
     def to_dict(self) -> dict:
-        from ..evidence.log import scrub_record
+        from ..evidence.privacy import scrub_record
 
         first = next(iter(self.evidence.retrievals()), None)
         return {
@@ -161,8 +162,8 @@ class Chat:
         limits: Optional[ChatLimits] = None,
         history: Optional[str] = None,
     ):
-        settings = copy.copy(settings) if settings is not None else AskSettings()
-        settings.cdir = False  # chat answers are open-ended; ask keeps CDIR off for those too
+        # chat answers are open-ended; ask keeps CDIR off for those too
+        settings = (settings or AskSettings()).replace(cdir=False)
         if retriever is not None and packs is None:
             packs = []
         self.session = Session(packs=packs, image_pack=False, model=model, settings=settings, backend=backend,
@@ -189,7 +190,7 @@ class Chat:
     def send(self, text: str, image=None, on_event: Optional[EventSink] = None) -> ChatTurn:
         """Distil the dialogue into a query, retrieve, append the message and generate the reply."""
         emit = on_event or (lambda kind, payload: None)
-        text = _check_question(text)
+        text = check_text(text)
         prepared = image if isinstance(image, PreparedImages) else PreparedImages.load(image)
         be, cfg = self.backend, self._loop.config
         t0 = time.perf_counter()
@@ -441,7 +442,7 @@ class Chat:
             question=text,
             options=[],
             images=prepared.records,
-            model=_model_record(self.backend),
+            model=model_record(self.backend),
             packs=list(self.session.pack_records),
             settings=dict(vars(self.settings)),
             steps=steps,
@@ -488,7 +489,7 @@ class Chat:
             "schema": CHAT_SCHEMA,
             "created": self.created,
             "medrwr_edge_version": __version__,
-            "model": _model_record(self.backend),
+            "model": model_record(self.backend),
             "packs": list(self.session.pack_records),
             "settings": dict(vars(self.settings)),
             "limits": dataclasses.asdict(self.limits),

@@ -9,6 +9,8 @@ from typing import List, Optional
 
 import typer
 
+from . import cli_options as O
+
 CHAT_HELP = """A multi-round consultation: each message is distilled (by the model) into one search query, the packs
 are searched, and the model answers with the passages; earlier turns stay in the KV cache.
 
@@ -33,23 +35,23 @@ def chat_command(
     save: Optional[Path] = typer.Option(None, "--save", help="write the session record here after every turn"),
     as_json: bool = typer.Option(False, "--json", help="no streaming; print the session record as JSON at the end"),
     no_retrieval: bool = typer.Option(False, "--no-retrieval", help="no distil step, no search"),
-    mode: Optional[str] = typer.Option(None, "--mode", help="search mode: dense, lexical or hybrid"),
-    seed: int = typer.Option(0, "--seed"),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy and reproducible"),
-    max_tokens: int = typer.Option(512, "--max-tokens", help="token limit per generation pass"),
-    n_ctx: int = typer.Option(8192, "--ctx", help="context window (tokens)"),
-    gpu_layers: int = typer.Option(0, "--gpu-layers", help="layers to offload to a GPU build of llama.cpp (-1: all)"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (default: physical cores)"),
+    mode: Optional[str] = O.MODE,
+    seed: Optional[int] = O.SEED,
+    temperature: Optional[float] = O.TEMPERATURE,
+    max_tokens: Optional[int] = O.MAX_TOKENS,
+    n_ctx: Optional[int] = O.CTX,
+    gpu_layers: Optional[int] = O.GPU_LAYERS,
+    threads: Optional[int] = O.THREADS,
     no_log: bool = typer.Option(False, "--no-log", help="do not append the turns to the local answer log"),
     history: Optional[str] = typer.Option(None, "--history", help="patient key: also search that patient's history"),
 ) -> None:
     from .api import AskSettings, PreparedImages
     from .chat import Chat
 
-    settings = AskSettings(
-        temperature=temperature, seed=seed, max_tokens=max_tokens, retrieval=not no_retrieval, cdir=False,
+    settings = AskSettings.from_options(
+        temperature=temperature, seed=seed, max_tokens=max_tokens, retrieval=O.switched(no_retrieval, "retrieval"),
         search_mode=mode, n_ctx=n_ctx, gpu_layers=gpu_layers, n_threads=threads,
-    )
+    )  # CDIR: off for chat (Chat turns it off)
     pending = PreparedImages.load(image) if image is not None else None  # a bad image fails before the model loads
     view = ChatView(quiet=as_json)
     with Chat(model=model, packs=pack or None, settings=settings, history=history) as chat:
@@ -122,15 +124,14 @@ class ChatLoop:
             self.view.error(str(e))  # the session goes on; the failed turn left no trace in the cache
             return
         self.pending = None
-        notes = []
-        try:
-            from ..evidence.log import log_answer
+        from ..evidence.log import finish_answer
 
-            log_id = log_answer(turn.evidence, "chat", self.no_log)
-            if log_id is not None:
-                notes.append(f"logged as #{log_id}")
-        except MedrwrError as e:  # a reply must not be lost because the log is unwritable
-            notes.append(f"warning: not logged: {e}")
+        notes = []
+        logged = finish_answer(turn.evidence, "chat", self.no_log)
+        if logged.log_id is not None:
+            notes.append(f"logged as #{logged.log_id}")
+        if logged.error is not None:  # a reply must not be lost because the log is unwritable
+            notes.append(f"warning: not logged: {logged.error}")
         if self.save_path is not None:
             try:
                 self.chat.save(self.save_path)

@@ -9,9 +9,14 @@ from typing import List, Optional
 
 import typer
 
+from . import cli_options as O
+
 
 def register(app: typer.Typer) -> None:
+    from . import chat_cli
+
     app.command("ask", help=ASK_HELP, no_args_is_help=True)(ask_command)
+    chat_cli.register(app)
 
 
 ASK_HELP = """Answer a question about a medical image with reasoning-with-retrieval.
@@ -28,57 +33,45 @@ def ask_command(
     pack: Optional[List[str]] = typer.Option(None, "--pack", "-p", help="knowledge pack (name or path; repeat)"),
     image_pack: Optional[str] = typer.Option(None, "--image-pack", help="CDIR reference image pack"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="GGUF file or installed model name"),
-    no_retrieval: bool = typer.Option(False, "--no-retrieval", help="answer queries with <retrieve> None"),
-    no_cdir: bool = typer.Option(False, "--no-cdir", help="never re-retrieve a reference image"),
-    threshold: float = typer.Option(0.8, "--threshold", help="CDIR confidence threshold (paper: 0.8)"),
-    mode: Optional[str] = typer.Option(None, "--mode", help="search mode: dense, lexical or hybrid"),
-    seed: int = typer.Option(0, "--seed"),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy and reproducible"),
-    max_tokens: int = typer.Option(512, "--max-tokens", help="token limit per generation pass"),
-    n_ctx: int = typer.Option(8192, "--ctx", help="context window (tokens)"),
-    gpu_layers: int = typer.Option(0, "--gpu-layers", help="layers to offload to a GPU build of llama.cpp (-1: all)"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (default: physical cores)"),
-    speculative: str = typer.Option("auto", "--speculative", help="speculative decoding: off, lookup (copy drafts "
-                                    "from the context), draft (the 0.5B draft model), auto (lookup on a GPU, off on CPU)"),
-    frame: Optional[int] = typer.Option(None, "--frame", help="multi-frame DICOM: the frame (slice) of IMAGE to "
-                                        "use, from 0 (default: the middle one)"),
+    no_retrieval: bool = O.NO_RETRIEVAL,
+    no_cdir: bool = O.NO_CDIR,
+    threshold: Optional[float] = O.THRESHOLD,
+    mode: Optional[str] = O.MODE,
+    seed: Optional[int] = O.SEED,
+    temperature: Optional[float] = O.TEMPERATURE,
+    max_tokens: Optional[int] = O.MAX_TOKENS,
+    n_ctx: Optional[int] = O.CTX,
+    gpu_layers: Optional[int] = O.GPU_LAYERS,
+    threads: Optional[int] = O.THREADS,
+    speculative: Optional[str] = O.SPECULATIVE,
+    frame: Optional[int] = O.FRAME,
     as_json: bool = typer.Option(False, "--json", help="print the evidence record as JSON"),
     report: Optional[Path] = typer.Option(None, "--report", help="also write a self-contained HTML report here"),
     no_log: bool = typer.Option(False, "--no-log", help="do not append this answer to the local answer log"),
     prior: Optional[List[Path]] = typer.Option(
         None, "--prior", help="an earlier study of the same patient (repeat; oldest first, or any order when every "
         "file has a DICOM StudyDate: then sorted by it); IMAGE is the current study"),
-    top_k_diagnoses: Optional[int] = typer.Option(
-        None, "--top-k-diagnoses", help="open-ended: ask for a ranked differential of N (1-10) diagnoses"),
-    cdir_open_ended: bool = typer.Option(
-        False, "--cdir-open-ended", help="also run CDIR on open-ended answers (mean token probability; off by default)"),
-    allow_mixed_modalities: bool = typer.Option(
-        False, "--allow-mixed-modalities", help="accept priors of another modality than IMAGE (e.g. MR vs CT)"),
+    top_k_diagnoses: Optional[int] = O.TOP_K_DIAGNOSES,
+    cdir_open_ended: bool = O.CDIR_OPEN_ENDED,
+    allow_mixed_modalities: bool = O.ALLOW_MIXED_MODALITIES,
     history: Optional[str] = typer.Option(None, "--history", help="patient key: also search that patient's history"),
-    protocol: str = typer.Option("auto", "--protocol", help="auto, native, guided or rag (auto: native for models "
-                                 "trained on Med-RwR, guided for the others: the runtime writes the tags, serves a "
-                                 "query on every question and reads the option letter the model rates highest)"),
-    engine: Optional[str] = typer.Option(None, "--engine", help="URL of an inference server (llama.cpp server, "
-                                         "vLLM) that generates the tokens; packs, evidence and logs stay here"),
-    engine_timeout: float = typer.Option(120.0, "--engine-timeout", help="seconds without a byte from --engine "
-                                         "before a request is given up"),
+    protocol: Optional[str] = O.PROTOCOL,
+    engine: Optional[str] = O.ENGINE,
+    engine_timeout: Optional[float] = O.ENGINE_TIMEOUT,
 ) -> None:
+    from ..errors import InputError
     from .api import AskSettings, ask
 
-    settings = AskSettings(
-        temperature=temperature, seed=seed, max_tokens=max_tokens, retrieval=not no_retrieval, cdir=not no_cdir,
-        cdir_threshold=threshold, search_mode=mode, n_ctx=n_ctx, gpu_layers=gpu_layers, n_threads=threads,
-        top_k_diagnoses=top_k_diagnoses, cdir_open_ended=cdir_open_ended,
-        allow_mixed_modalities=allow_mixed_modalities, frame=frame, protocol=protocol, engine=engine,
-        engine_timeout=engine_timeout, speculative=speculative,
+    settings = AskSettings.from_options(
+        temperature=temperature, seed=seed, max_tokens=max_tokens, retrieval=O.switched(no_retrieval, "retrieval"),
+        cdir=O.switched(no_cdir, "cdir"), cdir_threshold=threshold, search_mode=mode, n_ctx=n_ctx,
+        gpu_layers=gpu_layers, n_threads=threads, top_k_diagnoses=top_k_diagnoses,
+        cdir_open_ended=O.switched(cdir_open_ended, "cdir_open_ended"),
+        allow_mixed_modalities=O.switched(allow_mixed_modalities, "allow_mixed_modalities"), frame=frame,
+        protocol=protocol, engine=engine, engine_timeout=engine_timeout, speculative=speculative,
     )
-    from ..errors import InputError
-
     if prior and image == "-":
         raise InputError("--prior needs a current image: give IMAGE (not '-')")
-    if top_k_diagnoses is not None and options:
-        raise InputError("--top-k-diagnoses asks for a ranked differential of an open-ended question; "
-                         "it cannot be combined with options (-o)")
     image_paths = [] if image == "-" else [*(prior or []), Path(image)]  # the last is the current study
     view = None if as_json else StreamView()
     record = ask(

@@ -1,4 +1,4 @@
-"""`LlamaTextBackend`: the text-only llama.cpp implementation of `runtime.backend.Backend`.
+"""`LlamaBackend`: the text-only llama.cpp implementation of `runtime.backend.Backend`.
 
 One sequence lives in the KV cache for one assistant turn. The prompt is decoded once (`prefill`); retrieved
 documents are decoded after the current position (`append_text`), so the prompt is never re-encoded; a tail can
@@ -78,7 +78,7 @@ class PrefixCache:
     @staticmethod
     def key(identity: dict, tokens: Sequence[int]) -> str:
         """`identity`: model sha256, device and GPU offload, context size, n_batch/n_ubatch, flash attention, KV
-        type, llama.cpp build id (`LlamaTextBackend.kv_identity`). A state saved by a GPU run, another batch
+        type, llama.cpp build id (`LlamaBackend.kv_identity`). A state saved by a GPU run, another batch
         size or another build would restore fine yet differ in the last bits: it must never be found."""
         import hashlib
         import json
@@ -113,8 +113,9 @@ def _gpu_device_name() -> str:
     return "gpu"
 
 
-class LlamaTextBackend:
-    """A GGUF text model run by llama.cpp. See `runtime.backend.Backend` for the contract."""
+class LlamaBackend:
+    """A GGUF model run by llama.cpp: text in, tokens out (`QwenVLBackend` adds the images). See
+    `runtime.backend.Backend` for the contract."""
 
     def __init__(
         self,
@@ -698,7 +699,7 @@ class LlamaTextBackend:
         # Any later call fails with AttributeError instead of handing freed pointers to llama.cpp.
         self._ctx = self._model = None  # type: ignore[assignment]
 
-    def __enter__(self) -> "LlamaTextBackend":
+    def __enter__(self) -> "LlamaBackend":
         return self
 
     def __exit__(self, *exc) -> None:

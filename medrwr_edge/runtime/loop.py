@@ -30,10 +30,12 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..evidence.record import (Answer, CdirRetrieve, EvidenceRecord, PassStats, Query, RetrievedDoc, Retrieve,
+                               Think)
 from . import protocol as P
-from .excerpt import WORD_RE, focus_excerpt, focus_terms, terms
 from .backend import Backend, Generation, GeneratedToken, ImageInput, SamplingSettings
-from .steps import Answer, CdirRetrieve, EvidenceRecord, PassStats, Query, RetrievedDoc, Retrieve, Think
+from .excerpt import WORD_RE, focus_excerpt, focus_terms, terms
+from .settings import AskSettings as _D  # the one owner of defaults
 
 
 @dataclass
@@ -46,7 +48,8 @@ class ReferenceImage:
     caption: str
     score: float
     image_sha256: str
-    image: Optional[ImageInput] = None  # pixels, for a backend that can see them
+    image: Optional[ImageInput] = None  # the pack's copy of the image (None: the pack keeps none): shown to a vision
+    # backend in the CDIR step, as in the paper; a text-only model gets the caption alone
 
 
 class TextRetriever(Protocol):
@@ -62,28 +65,26 @@ PROTOCOLS = ("native", "guided", "rag")
 
 @dataclass
 class LoopConfig:
-    max_passes: int = 3  # generation passes; so at most max_passes - 1 retrievals are served
-    top_k: int = 3
-    retrieval: bool = True
-    cdir: bool = True
-    cdir_threshold: float = 0.8  # the paper's value
-    cdir_open_ended: bool = False  # open-ended answers have no letter confidence; CDIR off unless asked
-    top_k_diagnoses: Optional[int] = None  # open-ended only: ask for a ranked differential of N diagnoses
-    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(max_tokens=512))
+    """How the loop runs; built by `AskSettings.loop_config()`, whose defaults these are (runtime/settings.py)."""
+
+    max_passes: int = _D.max_passes  # generation passes; so at most max_passes - 1 retrievals are served
+    top_k_docs: int = _D.top_k_docs  # documents per search
+    retrieval: bool = _D.retrieval
+    cdir: bool = _D.cdir
+    cdir_threshold: float = _D.cdir_threshold
+    cdir_open_ended: bool = _D.cdir_open_ended  # open-ended answers have no letter confidence; CDIR off unless asked
+    top_k_diagnoses: Optional[int] = _D.top_k_diagnoses  # open-ended only: ask for a ranked differential of N
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(max_tokens=_D.max_tokens))
     # Room kept free in the context for the next generation pass when splicing documents.
     generation_reserve_tokens: int = 512
     # "native": the paper's protocol; "guided": scaffold tags, a query always served, the letter read at the answer
     # position; "rag": the baseline (one search on the question, entries in the user turn, one guided answer pass)
     protocol: str = "native"
-    # guided: tokens the model may think before its query and before its answer. 0 (the default, as measured in the
-    # README): the untrained model's thinking was not shown to help, and it costs decode time
-    guided_think_tokens: int = 0
+    guided_think_tokens: int = _D.guided_think_tokens  # guided: tokens the model may think before query and answer
     guided_query_tokens: int = 40  # guided: tokens of the model's query
-    guided_exemplar: bool = True  # guided, multiple choice: one worked example in the system turn
-    guided_doc_words: int = 40  # guided/rag: each spliced entry cut to about N words (0: whole entries)
-    # guided/rag: which N words. "focus": the entry's first line, then its lines (and list items) sharing the most
-    # terms with the question, options and query (runtime/excerpt.py); "head": its first N words
-    guided_excerpt: str = "focus"
+    guided_exemplar: bool = _D.guided_exemplar  # guided, multiple choice: one worked example in the system turn
+    guided_doc_words: int = _D.guided_doc_words  # guided/rag: each spliced entry cut to about N words (0: whole)
+    guided_excerpt: str = _D.guided_excerpt  # guided/rag: which N words, "focus" or "head" (AskSettings)
 
 
 # Events streamed to a UI while the loop runs: ("piece", text), ("query", Query), ("retrieve", Retrieve),
@@ -143,9 +144,6 @@ class MedRwRLoop:
         vision = be.info.has_vision
         open_ended = not options
         record.protocol = cfg.protocol
-        if cfg.top_k_diagnoses is not None and options:
-            raise InputError("--top-k-diagnoses asks for a ranked differential of an open-ended question; "
-                             "it cannot be combined with options (-o)")
         if images and not vision:
             record.notes.append(
                 "model has no vision input: the image was not shown to the model; it was used only to retrieve "
@@ -326,13 +324,13 @@ class MedRwRLoop:
         reason = _unusable_query(model_query, question + "\n" + "\n".join(o.text for o in options))
         docs: list[RetrievedDoc] = []
         if not reason:
-            docs = self.text_retriever.search(model_query, cfg.top_k)[: cfg.top_k]
+            docs = self.text_retriever.search(model_query, cfg.top_k_docs)[: cfg.top_k_docs]
             if not docs:
                 reason = "the model's query found nothing in the packs"
         query, issued_by = model_query, "model"
         if reason:
             query, issued_by = runtime_query(question), "runtime"
-            docs = self.text_retriever.search(query, cfg.top_k)[: cfg.top_k] if query else []
+            docs = self.text_retriever.search(query, cfg.top_k_docs)[: cfg.top_k_docs] if query else []
         search_seconds = time.perf_counter() - t0
         self._excerpt(docs, query, question, options)
         # The cache holds exactly "<query> {query} </query>": the model's words as searched, or the runtime's.
@@ -454,7 +452,7 @@ class MedRwRLoop:
         query = runtime_query(question)
         step = Query(query, "", 0, issued_by="runtime", reason="rag baseline: one search on the question")
         t0 = time.perf_counter()
-        docs = self.text_retriever.search(query, self.config.top_k)[: self.config.top_k] \
+        docs = self.text_retriever.search(query, self.config.top_k_docs)[: self.config.top_k_docs] \
             if (self.text_retriever is not None and self.config.retrieval and query) else []
         step.served = bool(docs)
         self._excerpt(docs, query, question, options)
@@ -481,7 +479,7 @@ class MedRwRLoop:
         elif already_served is not None and query in already_served:
             step.reason = "the same query was already served in this turn: not searched again"
         else:
-            docs = self.text_retriever.search(query, cfg.top_k)[: cfg.top_k]
+            docs = self.text_retriever.search(query, cfg.top_k_docs)[: cfg.top_k_docs]
         step.served = bool(docs) or not step.reason
         return self._splice(query, docs, pass_index, time.perf_counter() - t0)
 

@@ -5,7 +5,7 @@ ONNX vision tower + merger -> (n, n_embd) embeddings -> decoded into the SAME ll
 each embedding with 4 rotary positions (t, y, x, 0). Text after an image continues at
 start + max(merged grid h, merged grid w), so a token's position is no longer its index in the sequence: this
 class keeps, for every entry of the sequence, its temporal position and the position that follows it, and
-overrides the few places of `LlamaTextBackend` that assumed position == index (decode, rollback, state).
+overrides the few places of `LlamaBackend` that assumed position == index (decode, rollback, state).
 
 Everything else — sampling, stop strings, append_text for retrieved documents, CDIR rollback — is inherited
 unchanged, which is what lets the Med-RwR loop run on it as on the text backend. `append_parts` adds what the
@@ -24,14 +24,14 @@ import numpy as np
 from ..errors import InputError, ModelError
 from . import llama_native
 from .backend import ImageInput, PromptPart
-from .llama_backend import LlamaTextBackend
+from .llama_backend import LlamaBackend
 from .vision import VisionEncoder, VisionSpec, mrope_positions, n_image_tokens, preprocess
 
 IMAGE_PAD = "<|image_pad|>"
 _STATE_MAGIC = b"MRWRVL1\0"
 
 
-class QwenVLBackend(LlamaTextBackend):
+class QwenVLBackend(LlamaBackend):
     """A Qwen2.5-VL model bundle: text GGUF + ONNX vision encoder (+ its spec). See `runtime.backend.Backend`."""
 
     def __init__(
@@ -222,7 +222,7 @@ class QwenVLBackend(LlamaTextBackend):
 
 
 def load_bundle(directory: str | Path, *, n_ctx: int = 8192, gpu_layers: int = 0, seed: int = 0,
-                prefer_int8: bool = True) -> LlamaTextBackend:
+                prefer_int8: bool = True) -> LlamaBackend:
     """The backend for a model bundle (`export.bundle`): QwenVLBackend when it has a vision encoder, else the text
     backend. Every file it loads is checked against the bundle manifest first."""
     from ..export.bundle import VISION_INT8_ONNX, VISION_ONNX, read_manifest, verify_file
@@ -233,7 +233,7 @@ def load_bundle(directory: str | Path, *, n_ctx: int = 8192, gpu_layers: int = 0
     sha = manifest["files"][manifest["text_model"]]["sha256"]
     vision_name = manifest.get("vision_encoder")
     if not vision_name:
-        return LlamaTextBackend(text, n_ctx=n_ctx, gpu_layers=gpu_layers, seed=seed, sha256=sha)
+        return LlamaBackend(text, n_ctx=n_ctx, gpu_layers=gpu_layers, seed=seed, sha256=sha)
     if not prefer_int8 and vision_name == VISION_INT8_ONNX and VISION_ONNX in manifest["files"]:
         vision_name = VISION_ONNX
     onnx_path = verify_file(directory, manifest, vision_name)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from ..evidence.record import RetrievedDoc
 from ..imaging import load_image
 from .backend import ImageInput
 from .loop import ReferenceImage
-from .steps import RetrievedDoc
 
 
 class PackTextRetriever:

@@ -1,4 +1,4 @@
-"""Speculative decoding for `LlamaTextBackend.generate`: where drafts come from, and the acceptance rule.
+"""Speculative decoding for `LlamaBackend.generate`: where drafts come from, and the acceptance rule.
 
 Plain decoding reads every weight once per token, so on a CPU it runs at memory bandwidth ÷ model size. A
 batch of k+1 tokens costs little more than one token to decode, so if k guessed tokens can be checked in one
@@ -9,7 +9,7 @@ batch, every accepted guess is a token for (nearly) free. Guesses come from
   sequence and propose what followed them there;
 * a draft model: a small GGUF with the same vocabulary (Qwen2.5-Coder-0.5B for the 1.5B) decoding greedily.
 
-The target model then verifies all drafts in one batch (see `LlamaTextBackend.generate`): a draft token is kept
+The target model then verifies all drafts in one batch (see `LlamaBackend.generate`): a draft token is kept
 when the target's own pick at that position (argmax, or a sample with the position's random number) equals it —
 for deterministic drafts this is the speculative-sampling acceptance rule, and the output is plain decoding's.
 `DraftLength` decides from measured costs and acceptance how many tokens to draft, or none.
@@ -25,8 +25,7 @@ import numpy as np
 
 from medrwr_edge.errors import ModelError
 from medrwr_edge.runtime import llama_native
-
-MODES = ("off", "lookup", "draft", "auto")
+from medrwr_edge.runtime.settings import SPECULATIVE_MODES as MODES  # one owner: the settings
 
 
 def lookup_draft(seq: Sequence[int], k: int, ngram_max: int = 4, ngram_min: int = 2) -> list[int]:
@@ -201,7 +200,7 @@ def _check_same_vocab(draft: llama_native.NativeModel, target: llama_native.Nati
 
 
 def speculative_args(mode: str, draft_model: Optional[str] = None) -> dict:
-    """LlamaTextBackend keyword arguments for a `--speculative` mode; 'draft' without a path uses the installed
+    """LlamaBackend keyword arguments for a `--speculative` mode; 'draft' without a path uses the installed
     Qwen2.5-Coder-0.5B (`medrwr-edge models install qwen2.5-coder-0.5b-instruct`)."""
     from medrwr_edge.errors import InputError
 

@@ -27,13 +27,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import InputError, MedrwrError
+from ..errors import InputError, MedrwrError, SettingError
 from ..runtime.engine_dialects import EngineError, EngineTimeout
 from . import openai_compat as oai
 from .config import ServeConfig
 from .middleware import ApiKeyAuth, BodyLimit, RequestLog
 from .uploads import MAX_IMAGES, decode_data_url, load_prepared, private_workdir, upload_name, write_private
-from .worker import AskJob, AskWorker, NotAccepting, QueueFull, RequestCancelled, checked_overrides
+from .worker import AskJob, AskWorker, NotAccepting, QueueFull, RequestCancelled, request_settings
 
 log = logging.getLogger("medrwr_edge.serve")
 PAGE_FILE = Path(__file__).with_name("static") / "index.html"
@@ -83,10 +83,10 @@ def create_app(session_factory: Callable[[], Any], config: Optional[ServeConfig]
     @app.exception_handler(MedrwrError)
     async def _medrwr_error(request: Request, exc: MedrwrError):
         if isinstance(exc, InputError):
-            return _error(400, str(exc), "invalid_request_error")
+            return _error(400, _message(exc), "invalid_request_error")
         if isinstance(exc, EngineError):
             return _error(*_engine_fault(exc))
-        return _error(500, str(exc), "server_error")
+        return _error(500, _message(exc), "server_error")
 
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, exc: QueueFull):
@@ -151,14 +151,11 @@ def create_app(session_factory: Callable[[], Any], config: Optional[ServeConfig]
         return JSONResponse(record, headers=headers)
 
     async def _prepare_job(request, question, options, packs, raw_settings, uploads, want_report) -> AskJob:
-        from ..runtime.api import _check_question, _with_overrides
-        from ..runtime.protocol import parse_options
+        from ..runtime.settings import Question
 
         request_id = request.scope.get("state", {}).get("request_id") or secrets.token_hex(8)
-        question = _check_question(question)
-        parse_options(options)
-        overrides = checked_overrides(raw_settings, config.max_tokens_limit)
-        _with_overrides(worker.session.settings, overrides)  # ranges (threshold, temperature, ...)
+        settings = request_settings(worker.session.settings, raw_settings, config.max_tokens_limit)
+        checked = Question.check(question, options, settings)  # used as is by the worker
         if packs is not None:
             loaded = worker.text_pack_names()
             unknown = [p for p in packs if p not in loaded]
@@ -166,13 +163,12 @@ def create_app(session_factory: Callable[[], Any], config: Optional[ServeConfig]
                 raise UnknownPack(f"unknown pack {unknown[0][:80]!r}; loaded: {', '.join(loaded) or 'none'}")
         if len(uploads) > MAX_IMAGES:
             raise InputError(f"{len(uploads)} images; at most {MAX_IMAGES} per question")
-        job = AskJob(request_id, question, options, packs=packs, overrides=overrides, want_report=want_report)
+        job = AskJob(request_id, checked, [], settings=settings, packs=packs, want_report=want_report)
         if uploads:
             job.workdir = private_workdir()
             try:
                 job.image_paths = [write_private(job.workdir, name, data) for data, name in uploads]
-                job.images = await run_in_threadpool(load_prepared, job.image_paths, job.workdir,
-                                                      overrides.get("allow_mixed_modalities", False))
+                job.images = await run_in_threadpool(load_prepared, job.image_paths, job.workdir, settings)
             except BaseException:
                 import shutil
 
@@ -359,12 +355,12 @@ def _error_body(exc: BaseException) -> dict:
     if isinstance(exc, RequestCancelled):
         return {"error": {"message": str(exc), "type": "cancelled"}}
     if isinstance(exc, InputError):
-        return {"error": {"message": str(exc), "type": "invalid_request_error"}}
+        return {"error": {"message": _message(exc), "type": "invalid_request_error"}}
     if isinstance(exc, EngineError):  # the status line was sent already (200): the status the error would have had
         status, message, kind = _engine_fault(exc)
         return {"error": {"message": message, "type": kind, "status": status}}
     if isinstance(exc, MedrwrError):
-        return {"error": {"message": str(exc), "type": "server_error"}}
+        return {"error": {"message": _message(exc), "type": "server_error"}}
     return {"error": {"message": "internal error (see the server log)", "type": "server_error"}}
 
 
@@ -374,6 +370,13 @@ def _engine_fault(exc: EngineError) -> tuple[int, str, str]:
     if isinstance(exc, EngineTimeout):
         return 504, str(exc), "engine_timeout"
     return 502, str(exc), "engine_error"
+
+
+def _message(exc: MedrwrError) -> str:
+    """A library error in an HTTP client's words: a setting is named by its JSON key (AskSettings' field name)."""
+    if isinstance(exc, SettingError):
+        return exc.worded(lambda name: f"setting {name!r}")
+    return str(exc)
 
 
 def _model_name(worker: AskWorker) -> str:

@@ -35,6 +35,11 @@ class ServeConfig:
     # In-process the model decodes one sequence: always 1.
     engine_parallel: Optional[int] = None
 
+    @classmethod
+    def from_options(cls, **options) -> "ServeConfig":
+        """The defaults changed by the options the user set; None means unset."""
+        return cls(**{k: v for k, v in options.items() if v is not None})
+
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
             raise InputError(f"--port must be between 0 and 65535 (got {self.port})")

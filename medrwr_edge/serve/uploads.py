@@ -64,13 +64,12 @@ def decode_data_url(url: str, index: int) -> tuple[bytes, str]:
     return data, _MIME_SUFFIX.get((mime or "").lower(), "")
 
 
-def load_prepared(paths: Sequence[Path], workdir: Path, allow_mixed_modalities: bool = False):
-    """PreparedImages for the uploads; a decoding error names the upload, never the server's temp path."""
+def load_prepared(paths: Sequence[Path], workdir: Path, settings):
+    """PreparedImages for the uploads, as the request's settings ask; a decoding error names the upload, never the
+    server's temp path."""
     from ..runtime.api import PreparedImages
 
     try:
-        if allow_mixed_modalities:
-            return PreparedImages.load(list(paths), allow_mixed_modalities)
-        return PreparedImages.load(list(paths))
+        return PreparedImages.for_settings(list(paths), settings)
     except InputError as e:
         raise InputError(str(e).replace(str(workdir) + os.sep, "").replace(str(workdir), "upload")) from None

@@ -36,19 +36,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..errors import InputError, MedrwrError
+from ..errors import InputError, MedrwrError, SettingError
 from ..runtime.engine_dialects import EngineError
 
 log = logging.getLogger("medrwr_edge.serve")
 
-# Settings a request may change for its own question; everything else is fixed when the model is loaded.
-REQUEST_SETTINGS = {
-    "temperature": float, "top_p": float, "top_k_sampling": int, "seed": int, "max_tokens": int,
-    "top_k_docs": int, "retrieval": bool, "cdir": bool, "cdir_threshold": float, "search_mode": str,
-    "top_k_diagnoses": int, "cdir_open_ended": bool, "allow_mixed_modalities": bool,
-    "protocol": str, "guided_think_tokens": int,
-}
-NULLABLE_SETTINGS = {"search_mode", "top_k_diagnoses"}
+# Settings a request may change for its own question (AskSettings names); everything else is fixed when the model
+# is loaded. Types and ranges are AskSettings' own checks; the limits below are the server's.
+REQUEST_SETTINGS = frozenset({
+    "temperature", "top_p", "top_k_sampling", "seed", "max_tokens", "top_k_docs", "retrieval", "cdir",
+    "cdir_threshold", "search_mode", "top_k_diagnoses", "cdir_open_ended", "allow_mixed_modalities", "protocol",
+    "guided_think_tokens",
+})
+MAX_TOP_K_DOCS = 10
 
 
 class RequestCancelled(Exception):
@@ -72,13 +72,13 @@ class NotAccepting(Exception):
 @dataclass
 class AskJob:
     request_id: str
-    question: str
-    options: list[str]
+    question: Any  # a runtime.settings.Question checked by the handler (or a str, checked by Session.ask)
+    options: list[str]  # option strings, when `question` is a str
+    settings: Any = None  # the request's AskSettings, checked by the handler (None: the Session's)
     images: Any = None  # PreparedImages, decoded before queueing so a bad image fails at once
     image_paths: list[Path] = field(default_factory=list)  # the uploads, for the HTML report
     workdir: Optional[Path] = None  # private temp dir holding the uploads; removed when the job ends
     packs: Optional[list[str]] = None  # names of loaded text packs to search (None: all)
-    overrides: dict = field(default_factory=dict)
     want_report: bool = False
     events: Optional[asyncio.Queue] = None  # (kind, payload) as JSON-ready dicts, then ("end", None)
     future: Optional[asyncio.Future] = None  # -> (record dict, report html or None)
@@ -273,7 +273,7 @@ class AskWorker:
             raise RequestCancelled("cancelled")
         session = self._session_for(worker_session, job.packs)
         sink = _Sink(job, self._emit)
-        record = session.ask(job.images, job.question, job.options or None, on_event=sink, **job.overrides)
+        record = session.ask(job.images, job.question, job.options or None, on_event=sink, settings=job.settings)
         if self.log_answers:
             _log(record)
         report = None
@@ -377,35 +377,19 @@ def _log(record) -> None:
         logging.getLogger("medrwr_edge.serve").warning("answer not logged: %s", type(logged.error).__name__)
 
 
-def checked_overrides(raw: Optional[dict], max_tokens_limit: int) -> dict:
-    """A request's settings: known names, right types, sane ranges (one-line InputError otherwise)."""
+def request_settings(base, raw: Optional[dict], max_tokens_limit: int):
+    """The AskSettings of one request: `base` (the Session's) with the request's JSON changes, which must be
+    REQUEST_SETTINGS and within the server's limits (one-line InputError otherwise)."""
     if raw is None:
-        return {}
+        return base
     if not isinstance(raw, dict):
         raise InputError("settings must be a JSON object")
-    out = {}
-    for key, value in raw.items():
-        kind = REQUEST_SETTINGS.get(key)
-        if kind is None:
+    for key in raw:
+        if key not in REQUEST_SETTINGS:
             raise InputError(f"unknown setting {key!r}; allowed: {', '.join(sorted(REQUEST_SETTINGS))}")
-        if value is None and key in NULLABLE_SETTINGS:
-            out[key] = None
-            continue
-        if kind is bool and not isinstance(value, bool):
-            raise InputError(f"setting {key!r} must be true or false")
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise InputError(f"setting {key!r} must be an integer")
-        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise InputError(f"setting {key!r} must be a number")
-        if kind is str and not isinstance(value, str):
-            raise InputError(f"setting {key!r} must be a string")
-        out[key] = kind(value)
-    if "search_mode" in out and out["search_mode"] not in (None, "dense", "lexical", "hybrid"):
-        raise InputError("setting 'search_mode' must be dense, lexical or hybrid")
-    if not 1 <= out.get("max_tokens", 1) <= max_tokens_limit:
-        raise InputError(f"setting 'max_tokens' must be between 1 and {max_tokens_limit}")
-    if not 1 <= out.get("top_k_docs", 1) <= 10:
-        raise InputError("setting 'top_k_docs' must be between 1 and 10")
-    if not 0 < out.get("top_p", 1.0) <= 1:
-        raise InputError("setting 'top_p' must be in (0, 1]")
-    return out
+    settings = base.replace(**raw)
+    if "max_tokens" in raw and settings.max_tokens > max_tokens_limit:
+        raise SettingError("max_tokens", f"must be between 1 and {max_tokens_limit}")
+    if "top_k_docs" in raw and settings.top_k_docs > MAX_TOP_K_DOCS:
+        raise SettingError("top_k_docs", f"must be between 1 and {MAX_TOP_K_DOCS}")
+    return settings

@@ -123,7 +123,20 @@ def load_config(path: str | Path, cls: type[C], overrides: Optional[dict] = None
     return config_from_dict(raw, cls, source=str(path))
 
 
+def renamed_keys(raw: dict, cls: type, source: str = "config") -> dict:
+    """`raw` with keys renamed since they were written (cls.RENAMED: old -> new) under their current names, so that
+    config files and checkpoints written before a rename still load and resume."""
+    out = dict(raw)
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old in out:
+            if new in out:
+                raise InputError(f"{source}: {old!r} is the old name of {new!r}: give one of them")
+            out[new] = out.pop(old)
+    return out
+
+
 def config_from_dict(raw: dict, cls: type[C], source: str = "config") -> C:
+    raw = renamed_keys(raw, cls, source)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:

@@ -43,7 +43,7 @@ from typing import Any, Iterator, Optional
 
 from ..errors import InputError, IntegrityError
 from ..paths import atomic_write_text, sha256_file
-from .config import RunConfig, config_to_dict
+from .config import RunConfig, config_to_dict, renamed_keys
 
 CHECKPOINT_FORMAT = "medrwr-edge/train-checkpoint/1"
 TRAIN_STATE = "train_state"  # subfolder of a checkpoint: everything that is not the model itself
@@ -396,7 +396,8 @@ class TrainEngine:
         return int(state["step"]), dict(state.get("extra") or {})
 
     def _check_unchanged(self, ckpt: Path) -> None:
-        saved = json.loads((ckpt / TRAIN_STATE / "run_config.json").read_text("utf-8"))
+        saved = renamed_keys(json.loads((ckpt / TRAIN_STATE / "run_config.json").read_text("utf-8")),
+                             type(self.config))
         now = config_to_dict(self.config)
         for key in sorted(set(saved) | set(now)):
             if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):

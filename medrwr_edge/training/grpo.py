@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 from ..errors import InputError
 from .config import RunConfig
@@ -51,7 +51,7 @@ class GRPOConfig(RunConfig):
     top_p: float = 1.0
     max_completion_length: int = 4096  # completion tokens, retrieve blocks included
     max_passes: int = 3
-    retrieval_top_k: int = 3
+    top_k_docs: int = 3  # documents per search (AskSettings' name; `retrieval_top_k` before)
     packs: list[str] = field(default_factory=list)  # knowledge packs searched in process (none: <retrieve> None)
     search_mode: Optional[str] = None  # dense | lexical | hybrid (default: each pack's own)
     reward_weights: RewardWeights = field(default_factory=RewardWeights)
@@ -60,6 +60,8 @@ class GRPOConfig(RunConfig):
     advantage_eps: float = 1e-4
     logprob_batch_size: int = 8  # rollouts per forward/backward chunk (memory: chunk x length x vocab logits)
     medmcqa_cop_base: int = 1
+
+    RENAMED: ClassVar[dict[str, str]] = {"retrieval_top_k": "top_k_docs"}  # old config key -> field
 
     def data_files(self) -> list[str]:
         # A changed pack changes what rollouts retrieve: resume refuses it like a changed data file.
@@ -71,7 +73,7 @@ class GRPOConfig(RunConfig):
             raise InputError(f"config: stage must be 1 or 2 (got {self.stage})")
         if self.num_generations < 2:
             raise InputError(f"config: num_generations must be >= 2 for group advantages (got {self.num_generations})")
-        for name in ("max_completion_length", "max_passes", "retrieval_top_k", "logprob_batch_size"):
+        for name in ("max_completion_length", "max_passes", "top_k_docs", "logprob_batch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"config: {name} must be >= 1 (got {getattr(self, name)})")
         if not 0 < self.epsilon < 1:
@@ -313,7 +315,7 @@ def train_grpo(config: GRPOConfig, *, resume: bool = True, force_resume: bool = 
             policy, lm.tokenizer, vision_spec=lm.vision_spec if lm.vision else None,
             text_retriever=PackTextRetriever(packs, config.search_mode) if packs else None,
             settings=RolloutSettings(max_completion_tokens=config.max_completion_length,
-                                     max_passes=config.max_passes, top_k=config.retrieval_top_k,
+                                     max_passes=config.max_passes, top_k_docs=config.top_k_docs,
                                      temperature=config.temperature, top_p=config.top_p,
                                      confidence_probes=config.stage == 2))
         vocabulary = None

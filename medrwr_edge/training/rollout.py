@@ -27,11 +27,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+from ..evidence.record import EvidenceRecord, Retrieve
 from ..runtime import protocol as P
 from ..runtime.backend import (BackendInfo, BackendStats, GeneratedToken, Generation, ImageInput, PromptPart,
                                SamplingSettings)
 from ..runtime.loop import LoopConfig, MedRwRLoop
-from ..runtime.steps import EvidenceRecord, Retrieve
 from .data import McqExample
 
 GENERATION_RESERVE_MAX = 512
@@ -42,7 +42,7 @@ IMAGE_PAD = "<|image_pad|>"  # room kept for the next pass when a retrieve block
 class RolloutSettings:
     max_completion_tokens: int = 4096  # all completion tokens, retrieve blocks included (the reference's limit)
     max_passes: int = 3
-    top_k: int = 3  # documents per retrieval
+    top_k_docs: int = 3  # documents per search
     temperature: float = 1.0
     top_p: float = 1.0
     top_k_sampling: int = 0
@@ -405,7 +405,7 @@ class RolloutRunner:
         s = self.settings
         reserve = min(GENERATION_RESERVE_MAX, max(1, s.max_completion_tokens // 4))
         self.loop_config = LoopConfig(
-            max_passes=s.max_passes, top_k=s.top_k, retrieval=text_retriever is not None, cdir=False,
+            max_passes=s.max_passes, top_k_docs=s.top_k_docs, retrieval=text_retriever is not None, cdir=False,
             sampling=SamplingSettings(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k_sampling,
                                       max_tokens=s.max_completion_tokens),
             generation_reserve_tokens=reserve)

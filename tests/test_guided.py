@@ -37,7 +37,8 @@ def guided(outputs, *, next_probs=LETTERS, protocol="guided", texts=None, images
     be = ScriptedBackend(outputs, next_probs=next_probs)
     be.info.declares_protocol = False
     texts = texts if texts is not None else FakeTexts()
-    cfg = {"guided_think_tokens": 96, "guided_doc_words": 0, **cfg}  # these scripts think, and entries stay whole
+    # these scripts think (before the query and reading the entries), and entries stay whole
+    cfg = {"guided_think_tokens": 96, "guided_read_tokens": 96, "guided_doc_words": 0, **cfg}
     config = LoopConfig(protocol=protocol, sampling=SamplingSettings(max_tokens=200), generation_reserve_tokens=64,
                         **cfg)
     rec = EvidenceRecord(question=QUESTION, options=[], images=[], model={}, packs=[], settings={})
@@ -110,11 +111,11 @@ def test_without_a_next_token_distribution_the_model_writes_its_answer():
     assert rec.letter == "B" and any("cannot read the option letters" in n for n in rec.notes)
 
 
-def test_no_retrieval_skips_the_query_and_think_tokens_zero_skips_thinking():
+def test_no_retrieval_skips_the_query_and_zero_tokens_skip_thinking():
     rec, _, texts = guided([" thinking </think>"], retrieval=False)
     assert rec.queries() == [] and texts.queries == [] and rec.letter == "B"
     assert rec.assistant_text == "<think> thinking </think>\n<answer> B </answer>"
-    rec, _, _ = guided([" pneumothorax </query>"], guided_think_tokens=0)
+    rec, _, _ = guided([" pneumothorax </query>"], guided_think_tokens=0, guided_read_tokens=0)
     assert rec.assistant_text.startswith("<query> pneumothorax </query>\n<retrieve>")
     assert rec.assistant_text.endswith("</retrieve>\n<answer> B </answer>")
 
@@ -192,7 +193,7 @@ def test_guided_on_a_real_model_serves_a_query_and_reads_the_letter_probability(
     with LlamaBackend(smoke_gguf, n_ctx=4096) as be, Pack.open(small_icd_pack) as pack:
         assert be.info.declares_protocol is False
         cfg = LoopConfig(protocol="guided", sampling=SamplingSettings(max_tokens=64), generation_reserve_tokens=128,
-                         guided_think_tokens=24)
+                         guided_think_tokens=24, guided_read_tokens=24)
         rec = EvidenceRecord(question=question, options=[], images=[], model={}, packs=[], settings={})
         MedRwRLoop(be, PackTextRetriever([pack]), None, cfg).run(rec, question, options)
         (query,) = rec.queries()
@@ -336,3 +337,14 @@ def test_a_model_that_declares_the_protocol_but_does_not_follow_it_is_reported()
     rec = EvidenceRecord(question=QUESTION, options=[], images=[], model={}, packs=[], settings={})
     MedRwRLoop(ok, FakeTexts(), None, LoopConfig()).run(rec, QUESTION, OPTIONS)
     assert not [n for n in rec.notes if "declares the Med-RwR protocol" in n]
+
+
+def test_read_tokens_govern_only_the_think_after_the_spliced_entries():
+    # no think before the query; the model's reading note after the entries; then the letter
+    rec, _, _ = guided([" pneumothorax </query>", " Passage 0 fits option B. </think>"], guided_think_tokens=0,
+                       guided_read_tokens=32)
+    assert rec.assistant_text.startswith("<query> pneumothorax </query>\n<retrieve>")
+    assert rec.assistant_text.endswith("</retrieve>\n<think> Passage 0 fits option B. </think>\n<answer> B </answer>")
+    # without retrieval there are no entries to read: the answer pass thinks with --think-tokens (0: not at all)
+    rec, _, _ = guided([], retrieval=False, guided_think_tokens=0, guided_read_tokens=32)
+    assert rec.assistant_text == "<answer> B </answer>"

@@ -38,7 +38,7 @@ def test_schemas_are_valid_draft_2020_12_and_ship_with_the_package():
 # Fields added after the first release of schema version 1: documented, but optional (older records lack them).
 ADDED_WITHIN_VERSION_1 = {
     "settings": {"prefix_cache", "n_threads", "top_k_diagnoses", "cdir_open_ended", "allow_mixed_modalities",
-                 "images_are_studies", "frame", "protocol", "guided_think_tokens", "guided_exemplar",
+                 "images_are_studies", "frame", "protocol", "guided_think_tokens", "guided_read_tokens", "guided_exemplar",
                  "guided_doc_words", "guided_excerpt", "engine", "engine_timeout", "speculative", "draft_model"},
     "": {"answer_kind", "differential", "protocol"},
     "query": {"issued_by"},

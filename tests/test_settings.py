@@ -49,7 +49,15 @@ def test_unset_options_keep_the_defaults_and_the_loop_gets_them():
     # LoopConfig's own defaults are AskSettings' (one owner)
     d, c = AskSettings(), LoopConfig()
     assert (c.top_k_docs, c.cdir_threshold, c.max_passes, c.guided_doc_words, c.sampling.max_tokens) == \
-           (d.top_k_docs, d.cdir_threshold, d.max_passes, d.guided_doc_words, d.max_tokens)
+           (d.for_protocol(c.protocol).top_k_docs, d.cdir_threshold, d.max_passes, d.guided_doc_words, d.max_tokens)
+
+
+def test_documents_per_search_default_by_protocol_and_a_set_value_wins():
+    d = AskSettings()
+    assert d.top_k_docs is None  # unset: the protocol that runs decides, and the record shows what it decided
+    assert [d.loop_config(p).top_k_docs for p in ("native", "guided", "rag")] == [3, 1, 3]
+    assert d.for_protocol("guided") == d.replace(top_k_docs=1)
+    assert [d.replace(top_k_docs=5).loop_config(p).top_k_docs for p in ("native", "guided", "rag")] == [5, 5, 5]
 
 
 def test_question_is_checked_once_with_its_options():

@@ -284,7 +284,7 @@ def test_guided_turns_are_the_same_with_speculation(gguf, small_icd_pack):
     question = "Which ICD-10-CM code is spontaneous tension pneumothorax?"
     options = P.parse_options(["A. J93.0", "B. J93.11", "C. J94.2", "D. J98.4"])
     cfg = LoopConfig(protocol="guided", sampling=SamplingSettings(max_tokens=64), generation_reserve_tokens=128,
-                     guided_think_tokens=24)
+                     guided_think_tokens=24, guided_read_tokens=24)
     seen = {}
     with Pack.open(small_icd_pack) as pack:
         for mode in ("off", "lookup", "draft"):

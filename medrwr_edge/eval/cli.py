@@ -87,6 +87,8 @@ def eval_command(
                                            "(auto: native for Med-RwR models, guided for models never trained on "
                                            "the protocol); rag mode is its own"),
     think_tokens: Optional[int] = O.THINK_TOKENS,
+    read_tokens: Optional[int] = O.READ_TOKENS,
+    top_k_docs: Optional[int] = O.TOP_K_DOCS,
     no_exemplar: bool = O.NO_EXEMPLAR,
     doc_words: Optional[int] = O.DOC_WORDS,
     excerpt: Optional[str] = O.EXCERPT,
@@ -138,7 +140,8 @@ def eval_command(
         seed=seed, max_tokens=max_tokens, n_ctx=n_ctx, gpu_layers=gpu_layers, cdir_threshold=threshold,
         retrieval=needs_retrieval, cdir=needs_cdir, n_threads=threads, protocol=protocol,
         guided_exemplar=O.switched(no_exemplar, "guided_exemplar"), engine=engine, engine_timeout=engine_timeout,
-        guided_think_tokens=think_tokens, guided_doc_words=doc_words, guided_excerpt=excerpt,
+        guided_think_tokens=think_tokens, guided_read_tokens=read_tokens, top_k_docs=top_k_docs,
+        guided_doc_words=doc_words, guided_excerpt=excerpt,
     )
     if out is None:
         stem = Path(dataset).stem if not dataset.startswith("builtin:") else dataset.split(":", 1)[1]

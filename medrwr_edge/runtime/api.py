@@ -74,6 +74,8 @@ class Session:
         """Answer one question. settings: this question's settings (default: the Session's), with `changes` (any
         AskSettings field) on top. A `Question` or `PreparedImages` was checked by the caller and is used as is."""
         settings = (settings or self.settings).replace(**changes)
+        protocol = settings.resolved_protocol(self.backend)
+        settings = settings.for_protocol(protocol)
         if isinstance(question, Question):
             if options:
                 raise TypeError("a checked Question carries its options: give them to Question.check")
@@ -93,7 +95,7 @@ class Session:
             self.backend,
             self.text_retriever(settings),
             PackImageRetriever(self.image_pack) if self.image_pack is not None and settings.cdir else None,
-            settings.loop_config(settings.resolved_protocol(self.backend)),
+            settings.loop_config(protocol),
         )
         record = EvidenceRecord(
             question=q.text,

@@ -168,13 +168,13 @@ class Chat:
             packs = []
         self.session = Session(packs=packs, image_pack=False, model=model, settings=settings, backend=backend,
                                history=history)
-        self.settings = self.session.settings
         self.backend = self.session.backend
+        self.protocol = self.session.settings.resolved_protocol(self.backend)
+        self.settings = self.session.settings.for_protocol(self.protocol)
         self.limits = limits or ChatLimits()
         if retriever is None:  # the packs, and the patient's history when a key was given (as `ask` searches)
             retriever = self.session.text_retriever(self.settings)
         self.retriever = retriever
-        self.protocol = self.settings.resolved_protocol(self.backend)
         self._loop = MedRwRLoop(self.backend, retriever, None, self.settings.loop_config(self.protocol))
         self.system = P.system_prompt(has_image=self.backend.info.has_vision, open_ended=True) + CHAT_LINE
         self.turns: list[ChatTurn] = []

@@ -56,6 +56,7 @@ def ask_command(
     allow_mixed_modalities: bool = O.ALLOW_MIXED_MODALITIES,
     history: Optional[str] = typer.Option(None, "--history", help="patient key: also search that patient's history"),
     protocol: Optional[str] = O.PROTOCOL,
+    top_k_docs: Optional[int] = O.TOP_K_DOCS,
     engine: Optional[str] = O.ENGINE,
     engine_timeout: Optional[float] = O.ENGINE_TIMEOUT,
 ) -> None:
@@ -69,6 +70,7 @@ def ask_command(
         cdir_open_ended=O.switched(cdir_open_ended, "cdir_open_ended"),
         allow_mixed_modalities=O.switched(allow_mixed_modalities, "allow_mixed_modalities"), frame=frame,
         protocol=protocol, engine=engine, engine_timeout=engine_timeout, speculative=speculative,
+        top_k_docs=top_k_docs,
     )
     if prior and image == "-":
         raise InputError("--prior needs a current image: give IMAGE (not '-')")

@@ -15,10 +15,11 @@ from .settings import AskSettings
 
 FLAGS = {
     "temperature": "--temperature", "seed": "--seed", "max_tokens": "--max-tokens", "cdir_threshold": "--threshold",
-    "search_mode": "--mode", "n_ctx": "--ctx", "gpu_layers": "--gpu-layers", "n_threads": "--threads",
+    "search_mode": "--mode", "top_k_docs": "--top-k-docs", "n_ctx": "--ctx", "gpu_layers": "--gpu-layers", "n_threads": "--threads",
     "speculative": "--speculative", "frame": "--frame", "top_k_diagnoses": "--top-k-diagnoses",
     "protocol": "--protocol", "engine": "--engine", "engine_timeout": "--engine-timeout",
-    "guided_think_tokens": "--think-tokens", "guided_doc_words": "--doc-words", "guided_excerpt": "--excerpt",
+    "guided_think_tokens": "--think-tokens", "guided_read_tokens": "--read-tokens",
+    "guided_doc_words": "--doc-words", "guided_excerpt": "--excerpt",
     # switches: the flag that turns the default over
     "retrieval": "--no-retrieval", "cdir": "--no-cdir", "cdir_open_ended": "--cdir-open-ended",
     "allow_mixed_modalities": "--allow-mixed-modalities", "guided_exemplar": "--no-exemplar",
@@ -48,6 +49,7 @@ TEMPERATURE = _option("temperature", "0 = greedy and reproducible")
 SEED = _option("seed", "sampling seed")
 MAX_TOKENS = _option("max_tokens", "token limit per generation pass")
 THRESHOLD = _option("cdir_threshold", "CDIR confidence threshold (paper: 0.8)")
+TOP_K_DOCS = _option("top_k_docs", "knowledge-base entries per search (default: 1 guided, 3 native and rag)")
 MODE = _option("search_mode", "search mode: dense, lexical or hybrid (default: each pack's)")
 CTX = _option("n_ctx", "context window (tokens)")
 GPU_LAYERS = _option("gpu_layers", "layers to offload to a GPU build of llama.cpp (-1: all)")
@@ -65,6 +67,8 @@ ENGINE = _option("engine", "URL of an inference server (llama.cpp server, vLLM) 
 ENGINE_TIMEOUT = _option("engine_timeout", "seconds without a byte from --engine before a request is given up")
 THINK_TOKENS = _option("guided_think_tokens", "guided/rag: tokens the model may think before its query and before "
                                               "its answer (0: none)")
+READ_TOKENS = _option("guided_read_tokens", "guided: tokens the model may write reading the spliced entries before "
+                                            "its answer (0: none)")
 DOC_WORDS = _option("guided_doc_words", "guided/rag: cut each spliced entry to about N words (0: whole entries)")
 EXCERPT = _option("guided_excerpt", "guided/rag: which N words of each entry: focus (the lines matching the "
                                     "question, options and query) or head (the first N)")

@@ -34,7 +34,7 @@ from ..evidence.record import (Answer, CdirRetrieve, EvidenceRecord, PassStats, 
 from . import protocol as P
 from .backend import Backend, Generation, GeneratedToken, ImageInput, SamplingSettings
 from .excerpt import WORD_RE, focus_excerpt, focus_terms, terms
-from .settings import AskSettings as _D  # the one owner of defaults
+from .settings import TOP_K_DOCS, AskSettings as _D  # the one owner of defaults
 
 
 @dataclass
@@ -67,7 +67,7 @@ class LoopConfig:
     """How the loop runs; built by `AskSettings.loop_config()`, whose defaults these are (runtime/settings.py)."""
 
     max_passes: int = _D.max_passes  # generation passes; so at most max_passes - 1 retrievals are served
-    top_k_docs: int = _D.top_k_docs  # documents per search
+    top_k_docs: int = TOP_K_DOCS["native"]  # documents per search
     retrieval: bool = _D.retrieval
     cdir: bool = _D.cdir
     cdir_threshold: float = _D.cdir_threshold
@@ -80,6 +80,7 @@ class LoopConfig:
     # position; "rag": the baseline (one search on the question, entries in the user turn, one guided answer pass)
     protocol: str = "native"
     guided_think_tokens: int = _D.guided_think_tokens  # guided: tokens the model may think before query and answer
+    guided_read_tokens: int = _D.guided_read_tokens  # guided: the model's note on the entries the loop spliced
     guided_query_tokens: int = 40  # guided: tokens of the model's query
     guided_exemplar: bool = _D.guided_exemplar  # guided, multiple choice: one worked example in the system turn
     guided_doc_words: int = _D.guided_doc_words  # guided/rag: each spliced entry cut to about N words (0: whole)
@@ -311,7 +312,7 @@ class MedRwRLoop:
         be, cfg = self.backend, self.config
         stats = PassStats(0, "reasoning", 0, 0, "stop", 0.0)  # "stop": the runtime closed it
         t.passes.append(stats)
-        self._guided_think(t, stats, 0, emit)
+        self._guided_think(t, stats, 0, emit, cfg.guided_think_tokens)
         self._write(t, stats, P.QUERY_OPEN, emit)
         n_query = be.n_tokens()
         # Not streamed: what the turn holds (and the UI shows) is the query as served, written below.
@@ -354,7 +355,9 @@ class MedRwRLoop:
         t.answer_start = (be.n_tokens(), len(t.turn))
         stats = PassStats(pass_index, kind, 0, 0, "stop", 0.0)  # until a generation says otherwise
         t.passes.append(stats)
-        self._guided_think(t, stats, pass_index, emit)
+        # After the entries this loop spliced, the think is the model's reading of them (as in the worked example)
+        self._guided_think(t, stats, pass_index, emit,
+                           cfg.guided_read_tokens if pass_index > 0 else cfg.guided_think_tokens)
         self._write(t, stats, P.ANSWER_OPEN, emit)
         answer = self._guided_letter(t, stats, pass_index, options, emit) if options else None
         if answer is None:  # open-ended, or a backend that cannot read the letters: the model writes the answer
@@ -396,12 +399,13 @@ class MedRwRLoop:
                            f"the letter it rated highest was read")
         return Answer(letter, letter, probs[letter], "first-answer-token", f" {letter}", pass_index)
 
-    def _guided_think(self, t: PassTrace, stats: PassStats, pass_index: int, emit: EventSink) -> None:
-        """<think> what the model writes, cut at </think>, any other tag or an echoed format line </think>\n"""
-        if self.config.guided_think_tokens <= 0:
+    def _guided_think(self, t: PassTrace, stats: PassStats, pass_index: int, emit: EventSink, budget: int) -> None:
+        """<think> what the model writes (at most `budget` tokens), cut at </think>, any other tag or an echoed
+        format line </think>\n"""
+        if budget <= 0:
             return
         self._write(t, stats, P.THINK_OPEN, emit)
-        gen = self._generate_into(t, stats, _THINK_STOPS, self.config.guided_think_tokens, emit)
+        gen = self._generate_into(t, stats, _THINK_STOPS, budget, emit)
         body = gen.text
         if gen.stop_string == P.THINK_CLOSE:
             body = body[: -len(P.THINK_CLOSE)]

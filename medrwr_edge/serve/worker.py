@@ -46,7 +46,7 @@ log = logging.getLogger("medrwr_edge.serve")
 REQUEST_SETTINGS = frozenset({
     "temperature", "top_p", "top_k_sampling", "seed", "max_tokens", "top_k_docs", "retrieval", "cdir",
     "cdir_threshold", "search_mode", "top_k_diagnoses", "cdir_open_ended", "allow_mixed_modalities", "protocol",
-    "guided_think_tokens",
+    "guided_think_tokens", "guided_read_tokens",
 })
 MAX_TOP_K_DOCS = 10
 

@@ -14,7 +14,8 @@ from ..evidence.record import EvidenceRecord
 from ..kb_pack.opening import open_packs
 from . import backends
 from .backend import ImageInput
-from .loop import EventSink, MedRwRLoop
+from .events import EventSink
+from .loop import MedRwRLoop
 from .settings import AskSettings, Question
 
 __all__ = ["AskSettings", "Question", "Session", "ask", "PreparedImages"]

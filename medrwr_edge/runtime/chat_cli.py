@@ -160,17 +160,19 @@ class ChatView:
         self.stream = StreamView()
         self.stream.console = self.console
 
-    def on_event(self, kind: str, payload) -> None:
+    def on_event(self, event) -> None:
+        """Chat's sink (runtime/events.py): the distilled query, context notes, and the turn streamed like `ask`."""
         if self.quiet:
             return
+        kind = event.type
         if kind == "distil":
-            how = {"model": "distilled query", "user-message": "query (the message itself)"}.get(payload["source"])
+            how = {"model": "distilled query", "user-message": "query (the message itself)"}.get(event.source)
             if how:
-                self.console.print(f"{how}: {payload['query']}", style="cyan", markup=False)
+                self.console.print(f"{how}: {event.query}", style="cyan", markup=False)
         elif kind == "context":
-            self.console.print(f"note: {payload}", style="yellow", markup=False)
+            self.console.print(f"note: {event.reason}", style="yellow", markup=False)
         elif kind in ("piece", "retrieve", "cdir"):
-            self.stream.on_event(kind, payload)
+            self.stream.on_event(event)
 
     def turn(self, turn, notes: list[str]) -> None:
         if self.quiet:

@@ -86,7 +86,7 @@ class Session:
                     else PreparedImages.for_settings(image, settings))
         images, image_records = prepared.images, prepared.records
         if images and getattr(self.backend, "image_refusal", None):  # an inference server that cannot see them
-            raise InputError(self.backend.image_refusal)
+            raise InputError(self.backend.image_refusal, names=("engine",))
 
         from .retrieval import PackImageRetriever
 

@@ -112,7 +112,7 @@ class ChatLoop:
             else:
                 self.view.error(f"unknown command {name} (try /help)")
         except MedrwrError as e:
-            self.view.error(str(e))
+            self.view.error(O.worded(e))
         return True
 
     def message(self, text: str) -> None:
@@ -121,7 +121,7 @@ class ChatLoop:
         try:
             turn = self.chat.send(text, self.pending, on_event=self.view.on_event)
         except MedrwrError as e:
-            self.view.error(str(e))  # the session goes on; the failed turn left no trace in the cache
+            self.view.error(O.worded(e))  # the session goes on; the failed turn left no trace in the cache
             return
         self.pending = None
         from ..evidence.log import finish_answer
@@ -131,7 +131,7 @@ class ChatLoop:
         if logged.log_id is not None:
             notes.append(f"logged as #{logged.log_id}")
         if logged.error is not None:  # a reply must not be lost because the log is unwritable
-            notes.append(f"warning: not logged: {logged.error}")
+            notes.append(f"warning: not logged: {O.worded(logged.error)}")
         if self.save_path is not None:
             try:
                 self.chat.save(self.save_path)

@@ -92,7 +92,7 @@ def ask_command(
     if logged.log_id is not None:
         notes.append(f"logged as #{logged.log_id} (medrwr-edge logs; medrwr-edge replay {logged.log_id})")
     if logged.error is not None:  # an answer must not be lost because the log is unwritable
-        notes.append(f"warning: not logged: {logged.error}")
+        notes.append(f"warning: not logged: {O.worded(logged.error)}")
     if report is not None:
         from ..evidence.report import write_report
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
-from ..errors import InputError
+from ..errors import InputError, SettingError
 from .backend import BackendInfo, BackendStats, Generation, GeneratedToken, ImageInput, PromptPart, SamplingSettings
 from .engine_dialects import (  # noqa: F401 - EngineError/EngineTimeout are part of this module's API
     EngineError,
@@ -73,10 +73,10 @@ class ServerBackend:
         try:
             import httpx  # noqa: F401 - only to say so early when it is missing
         except ImportError:
-            raise InputError("--engine needs httpx: pip install httpx (or the package's serve extra)") from None
+            raise SettingError("engine", "needs httpx: pip install httpx (or the package's serve extra)") from None
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise InputError(f"--engine {url!r} is not an http(s):// URL of an inference server")
+            raise SettingError("engine", f"{url!r} is not an http(s):// URL of an inference server")
         self.url = url.rstrip("/")
         self.cache_prompt = cache_prompt
         self.slot = slot
@@ -169,7 +169,7 @@ class ServerBackend:
         if isinstance(prompt, str):
             prompt = [prompt]
         if any(isinstance(p, ImageInput) for p in prompt):
-            raise InputError(self.image_refusal)
+            raise InputError(self.image_refusal, names=("engine",))
         text = "".join(p for p in prompt if isinstance(p, str))
         if not text:
             raise InputError("the prompt is empty")
@@ -366,15 +366,15 @@ def _image_refusal(d, url: str) -> str:
     look like an answer about the image, so the question is refused rather than answered blind."""
     if isinstance(d, LlamaCppDialect):
         lacks = ("its /completion takes images only with a text prompt (multimodal_data), not with the token-id "
-                 "prompts --engine sends" if getattr(d, "vision", False) else
+                 "prompts this runtime sends" if getattr(d, "vision", False) else
                  "its model has no vision input (no --mmproj), and its /completion takes images only with a text "
-                 "prompt, not with the token-id prompts --engine sends")
+                 "prompt, not with the token-id prompts this runtime sends")
     elif d.server == "vLLM":
         lacks = "its /v1/completions has no image input (vLLM takes images in chat requests only)"
     else:
         lacks = "its /v1/completions has no image input"
     return (f"the inference server at {url} ({d.server}) cannot be shown images: {lacks}; ask without the image, "
-            "or without --engine (in-process)")
+            "or without {engine} (in-process)")  # {engine}: the setting, as each front end names it
 
 
 def _id_sha256(server: str, model_id: str) -> str:

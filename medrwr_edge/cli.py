@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from .errors import MedrwrError, SettingError
+from .errors import MedrwrError
 from .offline import apply_offline_defaults
 
 apply_offline_defaults()  # before any sub-command imports a library that could reach a network
@@ -77,11 +77,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def _worded(error: MedrwrError) -> str:
     """The error in the command line's words: a setting is named by its flag (--threshold, not cdir_threshold)."""
-    if isinstance(error, SettingError):
-        from .runtime.cli_options import flag
+    if not error.names:
+        return str(error)
+    from .runtime.cli_options import worded
 
-        return error.worded(flag)
-    return str(error)
+    return worded(error)
 
 
 def _click_exception_types() -> tuple[tuple, tuple]:

@@ -7,12 +7,24 @@ traceback for these.
 
 
 class MedrwrError(Exception):
-    """An error with a one-line, user-readable message."""
+    """An error with a one-line, user-readable message.
+
+    A library names a setting or a parameter in its message as `{name}` (an `AskSettings` field, or an argument of
+    the API such as `packs`; listed in `names`), never by a command-line flag: `str(error)` shows the name,
+    `worded(name_of)` a front end's own word for it (the CLI: its flag; serve: the JSON key)."""
 
     exit_code = 1
 
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+    def __init__(self, message: str, names: tuple = ()):
+        self.template, self.names = " ".join(str(message).split()), tuple(names)
+        super().__init__(self.worded(str))
+
+    def worded(self, name_of) -> str:
+        """The message with each name as `name_of(name)` words it."""
+        text = self.template
+        for name in self.names:  # plain replacement: braces in quoted user text are not a format
+            text = text.replace("{" + name + "}", name_of(name))
+        return text
 
 
 class InputError(MedrwrError):
@@ -34,13 +46,8 @@ class ModelError(MedrwrError):
 
 
 class SettingError(InputError):
-    """A setting out of its range or of the wrong type. The message names the `AskSettings` field; a front end
-    words it in its own vocabulary with `worded(name_of)` (the CLI: its flag; serve: the JSON key)."""
+    """A setting out of its range or of the wrong type: "{field} {problem}", the field worded by each front end."""
 
     def __init__(self, field: str, problem: str):
         self.field, self.problem = field, " ".join(str(problem).split())
-        super().__init__(f"{field} {self.problem}")
-
-    def worded(self, name_of) -> str:
-        """The message with the field named as `name_of(field)` calls it."""
-        return f"{name_of(self.field)} {self.problem}"
+        super().__init__("{" + field + "} " + self.problem, (field,))

@@ -77,7 +77,7 @@ def test_each_turn_distils_one_query_retrieves_and_answers_in_the_protocol_layou
     chat, be = make_chat([' "Pneumonia   treatment" </query> extra', "<think> first line </think>\n<answer> amoxicillin </answer>",
                           " amoxicillin dose </query>", "<answer> 500 mg three times daily </answer>"], retriever)
     events = []
-    t1 = chat.send("What treats community-acquired pneumonia?", on_event=lambda k, p: events.append(k))
+    t1 = chat.send("What treats community-acquired pneumonia?", on_event=lambda e: events.append(e.type))
     assert t1.distil["source"] == "model" and t1.distil["query"] == "Pneumonia treatment"
     assert retriever.queries == ["Pneumonia treatment"]
     assert t1.reply == t1.answer == "amoxicillin" and t1.evidence.status == "answered"
@@ -185,7 +185,7 @@ def test_overflow_condenses_then_drops_old_turns_and_reports_it():
     chat, be = make_chat(outputs, FakeRetriever(words_per_doc=40), n_ctx=2000, max_tokens=64,
                          limits=ChatLimits(retrieval_room_tokens=300))
     events = []
-    turns = [chat.send(f"question {i} " + "detail " * 60, on_event=lambda k, p: events.append((k, p)))
+    turns = [chat.send(f"question {i} " + "detail " * 60, on_event=lambda e: events.append((e.type, e)))
              for i in range(8)]
     compacted = [t for t in turns if t.context["reencoded"] and t.index > 1]
     assert compacted and len(compacted) <= 3, [t.context for t in turns]  # not a re-encoding per turn

@@ -12,12 +12,7 @@ import pytest
 from medrwr_edge.errors import InputError, MedrwrError, ModelError
 from medrwr_edge.runtime import llama_native
 from medrwr_edge.runtime.backend import Backend, ImageInput, SamplingSettings
-from medrwr_edge.runtime.llama_backend import (
-    ContextFullError,
-    LlamaBackend,
-    _first_stop,
-    _partial_stop_len,
-)
+from medrwr_edge.runtime.llama_backend import ContextFullError, LlamaBackend
 
 PROMPT = (
     "<|im_start|>system\nYou are a medical assistant.<|im_end|>\n"
@@ -378,16 +373,3 @@ def test_embedding_hook_decodes_into_the_same_sequence(backend):
     assert _kv_matches(backend)
     with pytest.raises(ModelError):
         backend._decode_embeddings(embd[:, :10], placeholder_token=0)
-
-
-@pytest.mark.parametrize(
-    "text, stops, expected",
-    [("abc </que", ["</query>"], 5), ("abc <", ["</query>", "<answer>"], 1), ("abc", ["</query>"], 0)],
-)
-def test_partial_stop_is_held_back(text, stops, expected):
-    assert _partial_stop_len(text, stops) == expected
-
-
-def test_first_completed_stop_wins():
-    assert _first_stop("x </answer> </query>", ["</query>", "</answer>"], 0) == ("</answer>", 11)
-    assert _first_stop("no stop here", ["</query>"], 0) is None

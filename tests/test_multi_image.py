@@ -154,8 +154,11 @@ def test_priors_are_sorted_by_study_date_when_all_are_dated(tmp_path):
 def test_mixed_modalities_are_refused_unless_allowed(tmp_path):
     ct = _dicom(tmp_path / "ct.dcm", "20230401", "CT")
     mr = _dicom(tmp_path / "mr.dcm", "20240101", "MR")
-    with pytest.raises(InputError, match="different modalities given together \\(CT vs MR\\).*--allow-mixed"):
+    from medrwr_edge.runtime.cli_options import worded
+
+    with pytest.raises(InputError, match="different modalities given together \\(CT vs MR\\).*allow_mixed") as info:
         prepare_studies([mr, ct])
+    assert "(--allow-mixed-modalities to compare them anyway)" in worded(info.value)  # the CLI words the field
     _, records, notes = prepare_studies([mr, ct], allow_mixed_modalities=True)
     assert len(records) == 2 and any("different modalities were compared (CT vs MR" in n for n in notes)
     # CR and DX are both radiographs

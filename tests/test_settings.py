@@ -79,6 +79,23 @@ def test_the_cli_words_a_setting_by_its_flag(capsys):
     assert capsys.readouterr().err.strip() == "error: --threshold must be between 0 and 1 (got 1.5)"
 
 
+def test_a_library_error_names_the_setting_and_each_front_end_words_it():
+    from medrwr_edge.errors import InputError
+    from medrwr_edge.runtime.backends import load_backend
+    from medrwr_edge.runtime.cli_options import worded
+
+    with pytest.raises(InputError) as info:
+        load_backend("model.gguf", AskSettings(engine="http://127.0.0.1:9"))
+    error = info.value
+    assert str(error).startswith("engine generates with the model the server has loaded") and "--" not in str(error)
+    assert worded(error).startswith("--engine generates with")
+    assert error.worded(lambda name: f"setting {name!r}").startswith("setting 'engine' generates with")
+    # braces in a quoted value are text, not a setting
+    odd = SettingError("engine", "'{x}' is not an http(s):// URL")
+    assert str(odd) == "engine '{x}' is not an http(s):// URL"
+    assert worded(odd) == "--engine '{x}' is not an http(s):// URL"
+
+
 def test_grpo_configs_written_with_the_old_key_still_load(tmp_path):
     from medrwr_edge.training.config import config_from_dict
     from medrwr_edge.training.grpo import GRPOConfig

@@ -255,8 +255,11 @@ def test_settings_resolve_to_backend_arguments():
 
     assert speculative_args("lookup") == {"speculative": "lookup"}
     assert speculative_args("draft", "/x/d.gguf") == {"speculative": "draft", "draft_model": "/x/d.gguf"}
-    with pytest.raises(InputError, match="--speculative must be one of"):
+    from medrwr_edge.runtime.cli_options import worded
+
+    with pytest.raises(InputError, match="speculative must be one of") as info:
         speculative_args("fast")
+    assert worded(info.value).startswith("--speculative must be one of")  # the field, worded by the CLI
 
 
 @pytest.mark.real_model

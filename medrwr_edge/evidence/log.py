@@ -161,7 +161,8 @@ class AnswerLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         except (OSError, sqlite3.Error) as e:
-            raise MedrwrError(f"cannot open the answer log {self.path}: {e} (turn logging off with --no-log)") from None
+            raise MedrwrError(f"cannot open the answer log {self.path}: {e} (turn logging off with {{no_log}})",
+                              names=("no_log",)) from None
         try:
             self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._set_wal()
@@ -212,7 +213,8 @@ class AnswerLog:
         except sqlite3.Error as e:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
-            raise MedrwrError(f"cannot write to the answer log {self.path}: {e} (turn logging off with --no-log)") from None
+            raise MedrwrError(f"cannot write to the answer log {self.path}: {e} (turn logging off with {{no_log}})",
+                              names=("no_log",)) from None
         return int(cur.lastrowid)
 
     def entries(self, n: Optional[int] = 20, query: Optional[str] = None) -> list[LogEntry]:

@@ -31,12 +31,13 @@ def open_packs(packs, image_pack, *, retrieval: bool, cdir: bool):
             if use_default_text and not path.exists():
                 raise MedrwrError(
                     f"the default knowledge pack '{DEFAULT_TEXT_PACK}' is not installed; run `medrwr-edge setup` "
-                    "or give --pack PATH (or --no-retrieval)"
+                    "or give {packs} PATH (or ask without retrieval)", names=("packs",)
                 )
             pack = Pack.open(path)
             opened.append(pack)
             if pack.kind != "text":
-                raise InputError(f"--pack {p}: {pack.name} is an image pack; give it with --image-pack")
+                raise InputError(f"{{packs}} {p}: {pack.name} is an image pack; give it with {{image_pack}}",
+                                 names=("packs", "image_pack"))
             text_packs.append(pack)
             records.append(pack_record(pack, "knowledge"))
         image_pack_obj = None
@@ -48,7 +49,8 @@ def open_packs(packs, image_pack, *, retrieval: bool, cdir: bool):
                 image_pack_obj = Pack.open(resolve_pack_path(image_pack))
                 opened.append(image_pack_obj)
                 if image_pack_obj.kind != "image":
-                    raise InputError(f"--image-pack {image_pack}: {image_pack_obj.name} is not an image pack")
+                    raise InputError(f"{{image_pack}} {image_pack}: {image_pack_obj.name} is not an image pack",
+                                     names=("image_pack",))
                 records.append(pack_record(image_pack_obj, "cdir-reference-images"))
     except BaseException:
         for pack in opened:

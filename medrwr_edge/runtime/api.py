@@ -14,7 +14,8 @@ from ..evidence.record import EvidenceRecord
 from ..kb_pack.opening import open_packs
 from . import backends
 from .backend import ImageInput
-from .loop import EventSink, MedRwRLoop
+from .events import EventSink
+from .loop import MedRwRLoop
 from .settings import AskSettings, Question
 
 __all__ = ["AskSettings", "Question", "Session", "ask", "PreparedImages"]
@@ -87,7 +88,7 @@ class Session:
                     else PreparedImages.for_settings(image, settings))
         images, image_records = prepared.images, prepared.records
         if images and getattr(self.backend, "image_refusal", None):  # an inference server that cannot see them
-            raise InputError(self.backend.image_refusal)
+            raise InputError(self.backend.image_refusal, names=("engine",))
 
         from .retrieval import PackImageRetriever
 

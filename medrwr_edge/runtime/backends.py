@@ -22,8 +22,8 @@ def load_backend(model: Optional[PathLike], settings: AskSettings):
     inference server at settings.engine."""
     if settings.engine:
         if model is not None:
-            raise InputError("--engine generates with the model the server has loaded; --model is for the "
-                             "in-process backend: give one or the other")
+            raise InputError("{engine} generates with the model the server has loaded; {model} is for the "
+                             "in-process backend: give one or the other", names=("engine", "model"))
         from .server_backend import ServerBackend
 
         return ServerBackend(settings.engine, timeout=settings.engine_timeout, n_ctx=settings.n_ctx,

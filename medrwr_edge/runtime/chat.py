@@ -42,7 +42,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import ClassVar, Optional, Sequence, Union
 
 from .. import __version__
 from ..errors import InputError, MedrwrError
@@ -51,7 +51,8 @@ from . import protocol as P
 from .api import PreparedImages, Session
 from .backends import model_record
 from .backend import BackendStats, ImageInput, PromptPart, SamplingSettings
-from .loop import EventSink, MedRwRLoop, TextRetriever
+from .events import Distil, EventSink, Reencoded, ignore
+from .loop import MedRwRLoop, TextRetriever
 from .settings import AskSettings, check_text
 
 CHAT_SCHEMA = "medrwr-edge/chat/1"
@@ -107,6 +108,7 @@ class ChatTurn:
     distil: dict  # raw, query, source ("model" | "user-message" | "none"), tokens, seconds
     context: dict  # reused tokens, re-encoding and its reason, dropped / condensed turns, turns in context
     evidence: EvidenceRecord  # this turn as an evidence record (steps, passes, tokens, timings, notes)
+    type: ClassVar[str] = "turn"  # as the last event of a turn (runtime/events.py)
 
     @property
     def answer(self) -> Optional[str]:
@@ -189,7 +191,7 @@ class Chat:
     # ------------------------------------------------------------------ a turn
     def send(self, text: str, image=None, on_event: Optional[EventSink] = None) -> ChatTurn:
         """Distil the dialogue into a query, retrieve, append the message and generate the reply."""
-        emit = on_event or (lambda kind, payload: None)
+        emit = on_event or ignore
         text = check_text(text)
         prepared = image if isinstance(image, PreparedImages) else PreparedImages.load(image)
         be, cfg = self.backend, self._loop.config
@@ -237,7 +239,7 @@ class Chat:
         record.tokens["reused"] = context["reused_tokens"]
         turn = ChatTurn(index, text, reply, distil, context, record)
         self.turns.append(turn)
-        emit("turn", turn)
+        emit(turn)
         return turn
 
     def _read(self, head: str, distil: dict, notes: list[str], emit: EventSink):
@@ -251,10 +253,10 @@ class Chat:
             step = Query(distil["query"], distil["raw"], 0, issued_by="model" if distil["source"] == "model"
                          else "runtime")
             steps.append(step)
-            emit("query", step)
+            emit(step)
             retrieve = loop.search_and_splice(distil["query"], 0, step)
             steps.append(retrieve)
-            emit("retrieve", retrieve)
+            emit(retrieve)
             assistant = prefix + retrieve.block
         elif head:
             be.append_text(head)
@@ -329,7 +331,7 @@ class Chat:
             out["reason"] = out["reason"] or "the model wrote no usable query; searched with the message itself"
         out["query"] = P._one_line(out["query"])  # it is spliced into the turn: no tags, no control tokens
         out["seconds"] = round(time.perf_counter() - t0, 4)
-        emit("distil", dict(out))
+        emit(Distil(**out))
         return out
 
     def _history(self, budget: int) -> str:
@@ -395,7 +397,7 @@ class Chat:
         self._prefill_context()
         info["reencoded"] = True
         if self.turns:  # anything but the session's start is news to the user
-            emit("context", info["reason"])
+            emit(Reencoded(info["reason"]))
         return info
 
     def _system_parts(self, dropped: Optional[int] = None) -> list[PromptPart]:

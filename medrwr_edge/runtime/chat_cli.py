@@ -112,7 +112,7 @@ class ChatLoop:
             else:
                 self.view.error(f"unknown command {name} (try /help)")
         except MedrwrError as e:
-            self.view.error(str(e))
+            self.view.error(O.worded(e))
         return True
 
     def message(self, text: str) -> None:
@@ -121,7 +121,7 @@ class ChatLoop:
         try:
             turn = self.chat.send(text, self.pending, on_event=self.view.on_event)
         except MedrwrError as e:
-            self.view.error(str(e))  # the session goes on; the failed turn left no trace in the cache
+            self.view.error(O.worded(e))  # the session goes on; the failed turn left no trace in the cache
             return
         self.pending = None
         from ..evidence.log import finish_answer
@@ -131,7 +131,7 @@ class ChatLoop:
         if logged.log_id is not None:
             notes.append(f"logged as #{logged.log_id}")
         if logged.error is not None:  # a reply must not be lost because the log is unwritable
-            notes.append(f"warning: not logged: {logged.error}")
+            notes.append(f"warning: not logged: {O.worded(logged.error)}")
         if self.save_path is not None:
             try:
                 self.chat.save(self.save_path)
@@ -160,17 +160,19 @@ class ChatView:
         self.stream = StreamView()
         self.stream.console = self.console
 
-    def on_event(self, kind: str, payload) -> None:
+    def on_event(self, event) -> None:
+        """Chat's sink (runtime/events.py): the distilled query, context notes, and the turn streamed like `ask`."""
         if self.quiet:
             return
+        kind = event.type
         if kind == "distil":
-            how = {"model": "distilled query", "user-message": "query (the message itself)"}.get(payload["source"])
+            how = {"model": "distilled query", "user-message": "query (the message itself)"}.get(event.source)
             if how:
-                self.console.print(f"{how}: {payload['query']}", style="cyan", markup=False)
+                self.console.print(f"{how}: {event.query}", style="cyan", markup=False)
         elif kind == "context":
-            self.console.print(f"note: {payload}", style="yellow", markup=False)
+            self.console.print(f"note: {event.reason}", style="yellow", markup=False)
         elif kind in ("piece", "retrieve", "cdir"):
-            self.stream.on_event(kind, payload)
+            self.stream.on_event(event)
 
     def turn(self, turn, notes: list[str]) -> None:
         if self.quiet:

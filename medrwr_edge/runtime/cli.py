@@ -94,7 +94,7 @@ def ask_command(
     if logged.log_id is not None:
         notes.append(f"logged as #{logged.log_id} (medrwr-edge logs; medrwr-edge replay {logged.log_id})")
     if logged.error is not None:  # an answer must not be lost because the log is unwritable
-        notes.append(f"warning: not logged: {logged.error}")
+        notes.append(f"warning: not logged: {O.worded(logged.error)}")
     if report is not None:
         from ..evidence.report import write_report
 
@@ -118,37 +118,40 @@ class StreamView:
 
         self.console = Console(highlight=False, soft_wrap=True)
 
-    def on_event(self, kind: str, payload) -> None:
+    def on_event(self, event) -> None:
+        """The loop's sink (runtime/events.py): pieces as text, searches and CDIR as panels."""
         from rich.panel import Panel
         from rich.text import Text
 
+        kind = event.type
         if kind == "piece":
-            self.console.print(Text(payload, style="dim" if payload.strip().startswith("<") else ""), end="")
-        elif kind == "query" and getattr(payload, "issued_by", "model") == "runtime":
+            text = event.text
+            self.console.print(Text(text, style="dim" if text.strip().startswith("<") else ""), end="")
+        elif kind == "query" and event.issued_by == "runtime":
             self.console.print()
-            self.console.print(Text(f"(runtime query from the question: {payload.reason})", style="yellow"))
+            self.console.print(Text(f"(runtime query from the question: {event.reason})", style="yellow"))
         elif kind == "retrieve":
             body = Text()
-            if not payload.docs:
+            if not event.docs:
                 body.append("no documents (retrieve None)", style="italic")
-            for i, d in enumerate(payload.docs, 1):
+            for i, d in enumerate(event.docs, 1):
                 body.append(f"({i}) ", style="bold")
                 body.append(f"{d.pack} · {d.doc_id} · score {d.score:.3f}\n", style="cyan")
                 snippet = d.snippet if len(d.snippet) < 400 else d.snippet[:400] + " …"
-                body.append(snippet + ("\n" if i < len(payload.docs) else ""))
-            title = (f"retrieved for “{payload.query}”" if payload.query else "empty query: nothing searched") + (
-                " (shortened to fit)" if payload.truncated else "")
+                body.append(snippet + ("\n" if i < len(event.docs) else ""))
+            title = (f"retrieved for “{event.query}”" if event.query else "empty query: nothing searched") + (
+                " (shortened to fit)" if event.truncated else "")
             self.console.print()
             self.console.print(Panel(body, title=title, border_style="cyan", title_align="left"))
         elif kind == "cdir":
             body = Text()
-            body.append(f"confidence {payload.confidence_before:.2f} < threshold {payload.threshold:.2f}: ")
+            body.append(f"confidence {event.confidence_before:.2f} < threshold {event.threshold:.2f}: ")
             body.append("looked up the most similar reference image\n")
-            body.append(f"{payload.reference_pack} · {payload.reference_doc_id} · score {payload.reference_score:.3f}\n",
+            body.append(f"{event.reference_pack} · {event.reference_doc_id} · score {event.reference_score:.3f}\n",
                         style="magenta")
-            body.append(payload.reference_caption)
-            if len(payload.references) > 1:  # a text-only model given priors: one reference per study
-                for ref in payload.references:
+            body.append(event.reference_caption)
+            if len(event.references) > 1:  # a text-only model given priors: one reference per study
+                for ref in event.references:
                     body.append(f"\nstudy {ref['index'] + 1} ({ref['role']}): {ref['reference_doc_id']} · "
                                 f"{ref['reference_caption']}", style="dim")
             self.console.print()

@@ -2,7 +2,7 @@
 
 Every option defaults to None ("unset") and every switch to off: a command hands what its user set to
 `AskSettings.from_options`, so the defaults live in AskSettings alone (--help shows them from there). `FLAGS` is
-the command line's word for each field; medrwr_edge/cli.py uses it to word a `SettingError`.
+the command line's word for each field; `worded` uses it to word a library error (medrwr_edge/cli.py, chat).
 
 Imports typer and the settings module only, so that `medrwr-edge --help` stays fast.
 """
@@ -26,9 +26,19 @@ FLAGS = {
 }
 
 
+# The command line's word for the other names a library error may use: arguments of the API (runtime/api.py,
+# evidence/log.py) that commands take as options.
+ARGUMENT_FLAGS = {"packs": "--pack", "image_pack": "--image-pack", "model": "--model", "no_log": "--no-log"}
+
+
 def flag(field: str) -> str:
-    """The command line's name for an AskSettings field (the field itself when no flag sets it)."""
-    return FLAGS.get(field, field)
+    """The command line's name for an AskSettings field or API argument (the name itself when no flag sets it)."""
+    return FLAGS.get(field) or ARGUMENT_FLAGS.get(field, field)
+
+
+def worded(error) -> str:
+    """A library error (`MedrwrError`) in the command line's words: each setting it names by its flag."""
+    return error.worded(flag)
 
 
 def _option(field: str, help: str):

@@ -59,7 +59,8 @@ def _http_error(url: str, exc: Exception) -> EngineError:
     where = origin(url)
     if isinstance(exc, httpx.TimeoutException):
         return EngineTimeout(f"the inference server at {where} did not answer in time ({type(exc).__name__}); "
-                             "it may be overloaded: raise --engine-timeout or try again")
+                             "it may be overloaded: raise {engine_timeout} or try again",
+                             names=("engine_timeout",))
     if isinstance(exc, httpx.ConnectError):
         return EngineError(f"cannot reach the inference server at {where}: {exc or 'connection refused'}")
     if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):

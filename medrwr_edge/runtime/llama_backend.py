@@ -36,6 +36,7 @@ from medrwr_edge.runtime.backend import (
 )
 from medrwr_edge.runtime.speculative import MODES as SPECULATIVE_MODES
 from medrwr_edge.runtime.speculative import DraftLength, DraftModel, lookup_draft
+from medrwr_edge.runtime.stops import StopCut
 
 
 class ContextFullError(InputError):
@@ -485,15 +486,15 @@ class LlamaBackend:
             policy.batch(len(drafts), self.stats.accepted_tokens - accepted_before, verify_seconds, draft_seconds)
             if stop_reason != "length":
                 break
-        run.flush()
+        run.cut.flush()
         seconds = time.perf_counter() - t0
         self.stats.generate_seconds += seconds
         return Generation(
-            text=run.text,
+            text=run.cut.text,
             tokens=run.kept,
             stop_reason=stop_reason,
-            stop_string=run.stop_hit,
-            overshoot_chars=run.overshoot,
+            stop_string=run.cut.stop_hit,
+            overshoot_chars=run.cut.overshoot,
             seconds=seconds,
         )
 
@@ -509,9 +510,7 @@ class LlamaBackend:
                 self._decode_sampled(run.last[0])  # the stop string ends exactly at this token's end
             run.kept.append(GeneratedToken(*run.last))
         else:
-            run.overshoot = len(run.candidate) - len(run.target)
-            self._cut_to(run.target, run.kept, run.pass_bytes)
-        run.text = run.target
+            self._cut_to(run.cut.text, run.kept, run.pass_bytes)
         return "stop"
 
     def _cut_to(self, target: str, kept: list[GeneratedToken], pass_bytes: bytearray) -> None:
@@ -707,71 +706,31 @@ class LlamaBackend:
 
 
 class _PassText:
-    """The text of one generate pass, built from the tokens offered one by one: stop strings and streaming."""
+    """The tokens of one generate pass, offered one by one; the text, its stop strings and streaming are `cut`'s."""
 
     def __init__(self, model: llama_native.NativeModel, stops: list[str], on_piece: Optional[Callable[[str], None]]):
-        self.model, self.stops, self.on_piece = model, stops, on_piece
-        self.max_stop = max((len(s) for s in stops), default=0)
+        self.model, self.cut = model, StopCut(stops, on_piece)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.kept: list[GeneratedToken] = []
         self.pass_bytes = bytearray()  # bytes of the kept tokens of this pass
-        self.text = ""
-        self.streamed = 0  # characters of `text` already given to on_piece
-        self.stop_hit: Optional[str] = None
-        self.overshoot = 0
-        # Set when a stop string completes: the offered token (id, piece, prob), the text with its whole piece,
-        # the text cut right after the stop string, and whether the cut is at the token's end.
+        # Set when a stop string completes: the offered token (id, piece, prob), and whether the stop string ends
+        # exactly at its last byte (then the token itself is kept, else the cache is cut to `cut.text`).
         self.last: tuple[int, str, float] = (0, "", 0.0)
-        self.candidate = self.target = ""
         self.exact = False
 
     def offer(self, token: int, prob: float) -> str:
-        """Returns "keep" (appended to kept and text, streamed), "eos" or "stop" (nothing appended; see `last`)."""
+        """Returns "keep" (appended to kept and the text, streamed), "eos" or "stop" (not kept; see `last`)."""
         if self.model.is_eog(token):
             return "eos"
         piece = self.model.piece(token)
         new_text = self.decoder.decode(piece)
-        candidate = self.text + new_text
-        hit = _first_stop(candidate, self.stops, max(0, len(self.text) - self.max_stop + 1)) if self.stops else None
-        if hit is not None:
-            self.stop_hit, end = hit
-            self.last, self.candidate, self.target = (token, new_text, prob), candidate, candidate[:end]
-            self.exact = bytes(self.pass_bytes) + piece == self.target.encode("utf-8")
+        if self.cut.offer(new_text):
+            self.last = (token, new_text, prob)
+            self.exact = bytes(self.pass_bytes) + piece == self.cut.text.encode("utf-8")
             return "stop"
         self.kept.append(GeneratedToken(token, new_text, prob))
         self.pass_bytes += piece
-        self.text = candidate
-        # Stream what cannot be the start of a stop string still being generated.
-        safe = len(self.text) - _partial_stop_len(self.text, self.stops)
-        if self.on_piece is not None and safe > self.streamed:
-            self.on_piece(self.text[self.streamed : safe])
-            self.streamed = safe
         return "keep"
-
-    def flush(self) -> None:
-        if self.on_piece is not None and len(self.text) > self.streamed:
-            self.on_piece(self.text[self.streamed :])
-
-
-def _first_stop(text: str, stops: Sequence[str], search_from: int) -> Optional[tuple[str, int]]:
-    """The stop string that completes first in text[search_from:], with the index just past it."""
-    best: Optional[tuple[str, int]] = None
-    for s in stops:
-        i = text.find(s, search_from)
-        if i >= 0 and (best is None or i + len(s) < best[1]):
-            best = (s, i + len(s))
-    return best
-
-
-def _partial_stop_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of some stop string (held back from streaming)."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
 
 
 def _is_complete_utf8(data: bytes) -> bool:

@@ -16,7 +16,8 @@
         to where the answering pass began, splice the CDIR step, and generate once more.
 
 `run_passes` returns a `PassTrace` (steps, passes, the turn text, the answer, notes); `run` wraps it, with the
-prompt, CDIR and token counts, into an `EvidenceRecord`. Events to a UI are ("piece", text) and the typed steps.
+prompt, CDIR and token counts, into an `EvidenceRecord`. Events to a UI are typed objects (runtime/events.py): a
+`Piece` of streamed text, and the steps themselves.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from ..evidence.record import (Answer, CdirRetrieve, EvidenceRecord, PassStats, 
                                Think)
 from . import protocol as P
 from .backend import Backend, Generation, GeneratedToken, ImageInput, SamplingSettings
+from .events import EventSink, Piece, ignore
 from .excerpt import WORD_RE, focus_excerpt, focus_terms, terms
 from .settings import TOP_K_DOCS, AskSettings as _D  # the one owner of defaults
 
@@ -87,10 +89,6 @@ class LoopConfig:
     guided_excerpt: str = _D.guided_excerpt  # guided/rag: which N words, "focus" or "head" (AskSettings)
 
 
-# Events streamed to a UI while the loop runs: ("piece", text), ("query", Query), ("retrieve", Retrieve),
-# ("answer", Answer), ("cdir", CdirRetrieve).
-EventSink = Callable[[str, object], None]
-
 _PASS_STOPS = [P.QUERY_CLOSE, P.ANSWER_CLOSE]
 # Guided thinking ends at </think>; any other tag, or the start of the system prompt's format lines (which untrained
 # models copy), ends it too and is cut from the turn: the runtime writes the tags itself.
@@ -139,7 +137,7 @@ class MedRwRLoop:
         on_event: Optional[EventSink] = None,
     ) -> EvidenceRecord:
         cfg, be = self.config, self.backend
-        emit = on_event or (lambda kind, payload: None)
+        emit = on_event or ignore
         t_start = time.perf_counter()
         vision = be.info.has_vision
         open_ended = not options
@@ -247,7 +245,7 @@ class MedRwRLoop:
         turn's search (chat's distilled query, rag's entries): guided goes straight to the answer. served: queries
         searched earlier in this turn, not searched again (chat). untagged_answers: a first pass without any tag
         that ends the turn is read as a plain answer (SFT-only models)."""
-        emit = on_event or (lambda kind, payload: None)
+        emit = on_event or ignore
         trace = PassTrace()
         if self.config.protocol == "native":
             self._native_passes(trace, options, emit, served, untagged_answers)
@@ -265,7 +263,7 @@ class MedRwRLoop:
         cfg, be = self.config, self.backend
         for pass_index in range(cfg.max_passes):
             t.answer_start = (be.n_tokens(), len(t.turn))
-            gen = be.generate(cfg.sampling, _PASS_STOPS, on_piece=lambda piece: emit("piece", piece))
+            gen = be.generate(cfg.sampling, _PASS_STOPS, on_piece=lambda piece: emit(Piece(piece)))
             t.turn += gen.text
             stats = PassStats(pass_index, "reasoning", len(gen.tokens), 0, gen.stop_reason, round(gen.seconds, 4))
             t.passes.append(stats)
@@ -277,7 +275,7 @@ class MedRwRLoop:
                 raw = gen.text[q_start:-len(P.QUERY_CLOSE)].replace(P.QUERY_OPEN, "", 1).strip()
                 step = Query(P.extract_query(P.QUERY_OPEN + raw + P.QUERY_CLOSE) or "", raw, pass_index)
                 t.steps.append(step)
-                emit("query", step)
+                emit(step)
                 if pass_index == cfg.max_passes - 1:
                     step.served, step.reason = False, f"pass limit ({cfg.max_passes} generation passes) reached"
                     t.notes.append("the model was still querying at the pass limit; no answer was given")
@@ -286,7 +284,7 @@ class MedRwRLoop:
                 t.steps.append(retrieve)
                 stats.inserted_tokens = retrieve.tokens_inserted
                 t.turn += retrieve.block
-                emit("retrieve", retrieve)
+                emit(retrieve)
                 if served is not None and step.text:
                     served.add(step.text)
                 continue
@@ -301,7 +299,7 @@ class MedRwRLoop:
                 t.steps.append(Think(think_text, pass_index))
             t.steps.append(answer)
             t.answer = answer
-            emit("answer", answer)
+            emit(answer)
             if gen.stop_reason in ("length", "context") and answer.text is None:
                 t.notes.append(f"generation stopped ({gen.stop_reason}) before an answer was given")
             break
@@ -316,7 +314,7 @@ class MedRwRLoop:
         self._write(t, stats, P.QUERY_OPEN, emit)
         n_query = be.n_tokens()
         # Not streamed: what the turn holds (and the UI shows) is the query as served, written below.
-        gen = self._generate_into(t, stats, _QUERY_STOPS, cfg.guided_query_tokens, lambda kind, payload: None,
+        gen = self._generate_into(t, stats, _QUERY_STOPS, cfg.guided_query_tokens, ignore,
                                   keep_in_turn=False)
         raw = (gen.text[: -len(P.QUERY_CLOSE)] if gen.stop_string == P.QUERY_CLOSE else gen.text).strip()
         model_query = P.extract_query(P.QUERY_OPEN + _without_partial_close(raw) + P.QUERY_CLOSE) or ""
@@ -341,12 +339,12 @@ class MedRwRLoop:
         if not docs:
             step.reason = (step.reason + "; " if step.reason else "") + "nothing found"
         t.steps.append(step)
-        emit("query", step)
+        emit(step)
         retrieve = self._splice(query, docs, 0, search_seconds)
         t.steps.append(retrieve)
         stats.inserted_tokens += retrieve.tokens_inserted
         t.turn += retrieve.block
-        emit("retrieve", retrieve)
+        emit(retrieve)
 
     def _guided_answer_pass(self, t: PassTrace, pass_index: int, options, emit: EventSink,
                             kind: str = "reasoning") -> Answer:
@@ -372,7 +370,7 @@ class MedRwRLoop:
                 t.notes.append(f"generation stopped ({gen.stop_reason}) before the answer was closed")
         t.steps.append(answer)
         t.answer = answer
-        emit("answer", answer)
+        emit(answer)
         return answer
 
     def _guided_letter(self, t: PassTrace, stats: PassStats, pass_index: int, options, emit) -> Optional[Answer]:
@@ -426,7 +424,7 @@ class MedRwRLoop:
         be = self.backend
         n0 = be.n_tokens()
         settings = dataclasses.replace(self.config.sampling, max_tokens=max_tokens)
-        gen = be.generate(settings, stop, on_piece=lambda piece: emit("piece", piece))
+        gen = be.generate(settings, stop, on_piece=lambda piece: emit(Piece(piece)))
         stats.generated_tokens += len(gen.tokens)
         stats.seconds = round(stats.seconds + gen.seconds, 4)
         stats.stop_reason = gen.stop_reason
@@ -440,7 +438,7 @@ class MedRwRLoop:
         """Text the runtime writes into the turn (guided scaffold tags)."""
         stats.inserted_tokens += self.backend.append_text(text)
         t.turn += text
-        emit("piece", text)
+        emit(Piece(text))
 
     def _excerpt(self, docs: list[RetrievedDoc], query: str, question: str, options) -> None:
         """Guided/rag: what of each entry the model reads (its snippet is what is spliced, so the record shows it)."""
@@ -461,8 +459,8 @@ class MedRwRLoop:
         self._excerpt(docs, query, question, options)
         block = P.rag_entries(d.snippet for d in docs)
         retrieve = Retrieve(query, docs, block, 0, 0, False, round(time.perf_counter() - t0, 4))
-        emit("query", step)
-        emit("retrieve", retrieve)
+        emit(step)
+        emit(retrieve)
         return block + user, [step, retrieve]
 
     # ------------------------------------------------------------------ steps
@@ -684,13 +682,13 @@ class MedRwRLoop:
             } for i, r in consulted],
         )
         record.steps.append(step)
-        emit("cdir", step)
+        emit(step)
         pass_index = len(record.passes)
         # One regeneration. The turn is not re-opened for more queries: a query here is left unserved.
         second: Optional[Answer] = None
         if cfg.protocol == "native":
             n_start = be.n_tokens()
-            gen = be.generate(cfg.sampling, _PASS_STOPS, on_piece=lambda piece: emit("piece", piece))
+            gen = be.generate(cfg.sampling, _PASS_STOPS, on_piece=lambda piece: emit(Piece(piece)))
             turn += gen.text
             record.passes.append(PassStats(pass_index, "cdir", len(gen.tokens), inserted, gen.stop_reason,
                                            round(gen.seconds, 4)))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
-from ..errors import InputError
+from ..errors import InputError, SettingError
 from .backend import BackendInfo, BackendStats, Generation, GeneratedToken, ImageInput, PromptPart, SamplingSettings
 from .engine_dialects import (  # noqa: F401 - EngineError/EngineTimeout are part of this module's API
     EngineError,
@@ -39,7 +39,7 @@ from .engine_dialects import (  # noqa: F401 - EngineError/EngineTimeout are par
     origin,
     probe,
 )
-from .llama_backend import _first_stop, _partial_stop_len
+from .stops import StopCut
 
 DEFAULT_TIMEOUT_S = 120.0  # seconds without a byte from the server before a request is given up
 TOP_PROBS = 20  # top-k logprobs asked for by next_token_probs (vLLM's default --max-logprobs is 20)
@@ -73,10 +73,10 @@ class ServerBackend:
         try:
             import httpx  # noqa: F401 - only to say so early when it is missing
         except ImportError:
-            raise InputError("--engine needs httpx: pip install httpx (or the package's serve extra)") from None
+            raise SettingError("engine", "needs httpx: pip install httpx (or the package's serve extra)") from None
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise InputError(f"--engine {url!r} is not an http(s):// URL of an inference server")
+            raise SettingError("engine", f"{url!r} is not an http(s):// URL of an inference server")
         self.url = url.rstrip("/")
         self.cache_prompt = cache_prompt
         self.slot = slot
@@ -169,7 +169,7 @@ class ServerBackend:
         if isinstance(prompt, str):
             prompt = [prompt]
         if any(isinstance(p, ImageInput) for p in prompt):
-            raise InputError(self.image_refusal)
+            raise InputError(self.image_refusal, names=("engine",))
         text = "".join(p for p in prompt if isinstance(p, str))
         if not text:
             raise InputError("the prompt is empty")
@@ -239,46 +239,29 @@ class ServerBackend:
         if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
             raise InputError(f"invalid sampling settings: {settings}")
         t0 = time.perf_counter()
-        stops = [s for s in stop if s]
-        max_stop = max((len(s) for s in stops), default=0)
         room = self.info.n_ctx - self._n
         if room <= 0:
             return Generation("", [], "context", seconds=0.0)
         max_new = min(settings.max_tokens, room)
+        cut = StopCut(stop, on_piece)
         kept: list[GeneratedToken] = []
         kept_ids: list = []
-        text, streamed = "", 0
-        stop_reason, stop_hit, overshoot, tail = "length", None, 0, ""
+        stop_reason, tail = "length", ""
         end = StreamEnd("unknown")
         prompt_len = self._n
         prompt = self._prompt()
         stream = self._dialect.stream(prompt, settings, max_new, 1, end)
         try:
             for tok in stream:
-                search_from = max(0, len(text) - max_stop + 1)
-                candidate = text + tok.text
-                hit = _first_stop(candidate, stops, search_from) if stops else None
-                if hit is None:
+                stopped = cut.offer(tok.text)
+                if stopped and cut.overshoot:  # the token ran past the stop string: its text up to it is kept
+                    tail = cut.tail
+                else:  # a token of the pass, or the one whose end is the stop string's end
                     kept.append(GeneratedToken(tok.token_id if tok.token_id is not None else -1, tok.text, tok.prob))
                     kept_ids.append(tok.token_id)
-                    text = candidate
-                else:
-                    stop_hit, cut = hit
+                if stopped:
                     stop_reason = "stop"
-                    target = candidate[:cut]
-                    if candidate == target:  # the stop string ends exactly at this token's end
-                        kept.append(GeneratedToken(tok.token_id if tok.token_id is not None else -1, tok.text,
-                                                   tok.prob))
-                        kept_ids.append(tok.token_id)
-                    else:
-                        overshoot = len(candidate) - cut
-                        tail = target[len(text):]
-                    text = target
                     break
-                safe = len(text) - _partial_stop_len(text, stops)
-                if on_piece is not None and safe > streamed:
-                    on_piece(text[streamed:safe])
-                    streamed = safe
             else:
                 stop_reason = end.reason if end.reason in ("eos", "length") else "length"
                 if stop_reason == "length" and len(kept) >= room:
@@ -293,13 +276,12 @@ class ServerBackend:
             tail_ids = self.tokenize(tail)
             self._push(tail_ids, tail)
             self.stats.inserted_tokens += len(tail_ids)
-        if on_piece is not None and len(text) > streamed:
-            on_piece(text[streamed:])
+        cut.flush()
         seconds = time.perf_counter() - t0
         self.stats.generate_seconds += seconds
         self._note_request(prompt, prompt_len, end, len(kept))
-        return Generation(text=text, tokens=kept, stop_reason=stop_reason, stop_string=stop_hit,
-                          overshoot_chars=overshoot, seconds=seconds)
+        return Generation(text=cut.text, tokens=kept, stop_reason=stop_reason, stop_string=cut.stop_hit,
+                          overshoot_chars=cut.overshoot, seconds=seconds)
 
     def _drop_eos(self, end: StreamEnd, kept: list, kept_ids: list) -> None:
         """llama.cpp streams the end-of-turn token itself (empty text) before stopping; the in-process backend
@@ -384,15 +366,15 @@ def _image_refusal(d, url: str) -> str:
     look like an answer about the image, so the question is refused rather than answered blind."""
     if isinstance(d, LlamaCppDialect):
         lacks = ("its /completion takes images only with a text prompt (multimodal_data), not with the token-id "
-                 "prompts --engine sends" if getattr(d, "vision", False) else
+                 "prompts this runtime sends" if getattr(d, "vision", False) else
                  "its model has no vision input (no --mmproj), and its /completion takes images only with a text "
-                 "prompt, not with the token-id prompts --engine sends")
+                 "prompt, not with the token-id prompts this runtime sends")
     elif d.server == "vLLM":
         lacks = "its /v1/completions has no image input (vLLM takes images in chat requests only)"
     else:
         lacks = "its /v1/completions has no image input"
     return (f"the inference server at {url} ({d.server}) cannot be shown images: {lacks}; ask without the image, "
-            "or without --engine (in-process)")
+            "or without {engine} (in-process)")  # {engine}: the setting, as each front end names it
 
 
 def _id_sha256(server: str, model_id: str) -> str:

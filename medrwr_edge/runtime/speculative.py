@@ -202,10 +202,10 @@ def _check_same_vocab(draft: llama_native.NativeModel, target: llama_native.Nati
 def speculative_args(mode: str, draft_model: Optional[str] = None) -> dict:
     """LlamaBackend keyword arguments for a `--speculative` mode; 'draft' without a path uses the installed
     Qwen2.5-Coder-0.5B (`medrwr-edge models install qwen2.5-coder-0.5b-instruct`)."""
-    from medrwr_edge.errors import InputError
+    from medrwr_edge.errors import SettingError
 
     if mode not in MODES:
-        raise InputError(f"--speculative must be one of {', '.join(MODES)}, not {mode!r}")
+        raise SettingError("speculative", f"must be one of {', '.join(MODES)}, not {mode!r}")
     if mode != "draft":
         return {"speculative": mode}
     if draft_model is None:

@@ -62,7 +62,8 @@ def prepare_studies(paths: Sequence[PathLike], allow_mixed_modalities: bool = Fa
         if not allow_mixed_modalities:
             raise InputError(
                 f"images of different modalities given together ({mixed}); a prior must be the same kind of study "
-                "as the current one (--allow-mixed-modalities to compare them anyway)"
+                "as the current one ({allow_mixed_modalities} to compare them anyway)",
+                names=("allow_mixed_modalities",),
             )
         notes.append(f"images of different modalities were compared ({mixed}; --allow-mixed-modalities)")
 

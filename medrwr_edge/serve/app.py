@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import InputError, MedrwrError, SettingError
+from ..errors import InputError, MedrwrError
 from ..runtime.engine_dialects import EngineError, EngineTimeout
 from . import openai_compat as oai
 from .config import ServeConfig
@@ -368,15 +368,16 @@ def _engine_fault(exc: EngineError) -> tuple[int, str, str]:
     """A fault of the inference server behind `--engine` is an upstream's, not ours: 504 when it did not answer
     within --engine-timeout, 502 when it is unreachable, refused the request, broke off or sent a bad reply."""
     if isinstance(exc, EngineTimeout):
-        return 504, str(exc), "engine_timeout"
-    return 502, str(exc), "engine_error"
+        return 504, _message(exc), "engine_timeout"
+    return 502, _message(exc), "engine_error"
 
 
 def _message(exc: MedrwrError) -> str:
-    """A library error in an HTTP client's words: a setting is named by its JSON key (AskSettings' field name)."""
-    if isinstance(exc, SettingError):
-        return exc.worded(lambda name: f"setting {name!r}")
-    return str(exc)
+    """A library error in an HTTP client's words: a setting is named by its JSON key (AskSettings' field name)
+    under "settings", any other name (an API argument such as `packs`) as itself."""
+    from ..runtime.settings import AskSettings
+
+    return exc.worded(lambda name: f"setting {name!r}" if name in AskSettings.__dataclass_fields__ else repr(name))
 
 
 def _model_name(worker: AskWorker) -> str:

@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import InputError, MedrwrError, SettingError
+from ..evidence.record import Answer, Query, Think
 from ..runtime.engine_dialects import EngineError
+from ..runtime.events import Piece
 
 log = logging.getLogger("medrwr_edge.serve")
 
@@ -343,28 +345,39 @@ def _pack_subset(main, names: list[str]):
 
 
 class _Sink:
-    """The loop's on_event: forwards events as JSON-ready dicts, synthesises "think" steps, and is where a
-    cancelled request stops (the exception unwinds generation between two tokens)."""
+    """The loop's sink: forwards its typed events as JSON-ready dicts, synthesises "think" steps from the pieces,
+    and is where a cancelled request stops (the exception unwinds generation between two tokens)."""
 
     def __init__(self, job: AskJob, emit):
         self.job, self.emit = job, emit
         self.pending = ""  # pieces since the last query/retrieve/answer/cdir event
 
-    def __call__(self, kind: str, payload) -> None:
+    def __call__(self, event) -> None:
         if self.job.cancelled.is_set():
             raise RequestCancelled("the client went away")
-        if kind == "piece":
-            self.pending += payload
-            self.emit(self.job, "piece", {"type": "piece", "text": payload})
+        if isinstance(event, Piece):
+            self.pending += event.text
+            self._send(event)
             return
-        if kind in ("query", "answer"):
-            tag = "<query>" if kind == "query" else "<answer>"
+        if isinstance(event, (Query, Answer)):
+            tag = "<query>" if isinstance(event, Query) else "<answer>"
             think = self.pending.rsplit(tag, 1)[0].strip() if tag in self.pending else self.pending.strip()
             if think:
-                self.emit(self.job, "think", {"type": "think", "text": think, "pass_index": payload.pass_index})
+                self._send(Think(think, event.pass_index))
         self.pending = ""
-        body = dataclasses.asdict(payload) if dataclasses.is_dataclass(payload) else {"value": payload}
-        self.emit(self.job, kind, body)
+        self._send(event)
+
+    def _send(self, event) -> None:
+        self.emit(self.job, event.type, sse_body(event))
+
+
+def sse_body(event) -> dict:
+    """An event as its server-sent JSON (a public schema: keep it byte for byte). Steps are sent as the record
+    keeps them ("type" last); "piece" and "think" have always led with their "type"."""
+    body = dataclasses.asdict(event)
+    if isinstance(event, (Piece, Think)):
+        body = {"type": event.type, **{k: v for k, v in body.items() if k != "type"}}
+    return body
 
 
 def _log(record) -> None:

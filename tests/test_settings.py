@@ -120,6 +120,9 @@ def test_serve_words_a_setting_by_its_json_key_and_keeps_its_own_limits():
     assert request_settings(base, {"seed": 7}, 2048) == base.replace(seed=7)
     with pytest.raises(SettingError, match="max_tokens must be between 1 and 64"):
         request_settings(base, {"max_tokens": 65}, 64)
+    with pytest.raises(SettingError, match="guided_read_tokens must be between 0 and 64"):
+        request_settings(base, {"guided_read_tokens": 65}, 64)
+    assert request_settings(base, {"guided_read_tokens": 64}, 64).guided_read_tokens == 64
     factory = lambda: Session(packs=[], image_pack=False, backend=ScriptedBackend(["<answer> A </answer>"]))  # noqa: E731
     with TestClient(create_app(factory, ServeConfig())) as client:
         for settings, message in (({"cdir_threshold": 2}, "setting 'cdir_threshold' must be between 0 and 1 (got 2.0)"),

@@ -405,4 +405,7 @@ def request_settings(base, raw: Optional[dict], max_tokens_limit: int):
         raise SettingError("max_tokens", f"must be between 1 and {max_tokens_limit}")
     if "top_k_docs" in raw and settings.top_k_docs > MAX_TOP_K_DOCS:
         raise SettingError("top_k_docs", f"must be between 1 and {MAX_TOP_K_DOCS}")
+    for key in ("guided_think_tokens", "guided_read_tokens"):  # generated tokens too: the same limit as max_tokens
+        if key in raw and getattr(settings, key) > max_tokens_limit:
+            raise SettingError(key, f"must be between 0 and {max_tokens_limit}")
     return settings

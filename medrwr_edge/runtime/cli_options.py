@@ -15,7 +15,8 @@ from .settings import AskSettings
 
 FLAGS = {
     "temperature": "--temperature", "seed": "--seed", "max_tokens": "--max-tokens", "cdir_threshold": "--threshold",
-    "search_mode": "--mode", "top_k_docs": "--top-k-docs", "n_ctx": "--ctx", "gpu_layers": "--gpu-layers", "n_threads": "--threads",
+    "search_mode": "--mode", "top_k_docs": "--top-k-docs", "n_ctx": "--ctx", "gpu_layers": "--gpu-layers",
+    "n_threads": "--threads",
     "speculative": "--speculative", "frame": "--frame", "top_k_diagnoses": "--top-k-diagnoses",
     "protocol": "--protocol", "engine": "--engine", "engine_timeout": "--engine-timeout",
     "guided_think_tokens": "--think-tokens", "guided_read_tokens": "--read-tokens",

@@ -79,8 +79,8 @@ def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
 
 def eval_command(
     dataset: str = typer.Argument(..., help="JSONL/JSON dataset file, or builtin:icd10 / builtin:images"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="GGUF file or installed model name"),
-    pack: Optional[List[str]] = typer.Option(None, "--pack", "-p", help="knowledge pack (name or path; repeat)"),
+    model: Optional[str] = O.MODEL,
+    pack: Optional[List[str]] = O.PACKS,
     image_pack: Optional[str] = typer.Option(None, "--image-pack", help="CDIR reference image pack"),
     modes: str = typer.Option("plain,rag,retrieval,retrieval+cdir", "--modes", help="comma-separated modes"),
     protocol: Optional[str] = typer.Option(None, "--protocol", show_default="auto", help="auto, native or guided "

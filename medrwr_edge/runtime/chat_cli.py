@@ -29,8 +29,8 @@ def register(app: typer.Typer) -> None:
 
 
 def chat_command(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="GGUF file or installed model name"),
-    pack: Optional[List[str]] = typer.Option(None, "--pack", "-p", help="knowledge pack (name or path; repeat)"),
+    model: Optional[str] = O.MODEL,
+    pack: Optional[List[str]] = O.PACKS,
     image: Optional[Path] = typer.Option(None, "--image", help="an image for the first message"),
     save: Optional[Path] = typer.Option(None, "--save", help="write the session record here after every turn"),
     as_json: bool = typer.Option(False, "--json", help="no streaming; print the session record as JSON at the end"),

@@ -84,6 +84,10 @@ DOC_WORDS = _option("guided_doc_words", "guided/rag: cut each spliced entry to a
 EXCERPT = _option("guided_excerpt", "guided/rag: which N words of each entry: focus (the lines matching the "
                                     "question, options and query) or head (the first N)")
 
+# API arguments every answering command (ask, chat, eval, serve) takes the same way
+MODEL = typer.Option(None, "--model", "-m", help="GGUF file or installed model name")
+PACKS = typer.Option(None, "--pack", "-p", help="knowledge pack (name or path; repeat)")
+
 NO_RETRIEVAL = _switch("retrieval", "answer queries with <retrieve> None")
 NO_CDIR = _switch("cdir", "never re-retrieve a reference image")
 CDIR_OPEN_ENDED = _switch("cdir_open_ended", "also run CDIR on open-ended answers (mean token probability; off by "

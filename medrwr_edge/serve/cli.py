@@ -28,8 +28,8 @@ def register(app: typer.Typer) -> None:
 def serve_command(
     host: Optional[str] = _config_option("host", "--host", "address to listen on (non-loopback needs --api-key-file)"),
     port: Optional[int] = _config_option("port", "--port", "TCP port (0: any free port)"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="GGUF file or installed model name"),
-    pack: Optional[List[str]] = typer.Option(None, "--pack", "-p", help="knowledge pack (name or path; repeat)"),
+    model: Optional[str] = O.MODEL,
+    pack: Optional[List[str]] = O.PACKS,
     image_pack: Optional[str] = typer.Option(None, "--image-pack", help="CDIR reference image pack"),
     no_retrieval: bool = typer.Option(False, "--no-retrieval", help="serve without knowledge packs"),
     max_queue: Optional[int] = _config_option("max_queue", "--max-queue",

@@ -44,3 +44,23 @@ def test_title_words_do_not_pull_hierarchy_lines_ahead_of_the_notes():
     out = focus_excerpt(text, focus_terms(q, opts), 40)
     assert out.split(" Block ")[0].endswith("Category C75: Malignant neoplasm of other endocrine glands and related "
                                            "structures")
+
+
+def test_a_long_matching_line_does_not_crowd_out_the_note_the_question_asks_about():
+    # M30's options are its subdivisions but one: that one is in the Excludes1 note, after the subdivisions, and the
+    # subdivisions match the options' words too. Matching items are taken in rounds, so both lines are shown.
+    text = icd10_document("M30").text
+    q = ("ICD-10-CM category M30 (Polyarteritis nodosa and related conditions) carries an Excludes1 note. "
+         "Which of these conditions is NOT coded under M30?")
+    opts = ("Other conditions related to polyarteritis nodosa\nJuvenile polyarteritis\n"
+            "Polyarteritis with lung involvement [Churg-Strauss]\nMicroscopic polyarteritis")
+    out = focus_excerpt(text, focus_terms(q, opts), 40)
+    assert "Excludes1 (never coded together with this code): microscopic polyarteritis (M31.7)" in out
+    assert "Juvenile polyarteritis" in out and "Polyarteritis with lung involvement [Churg-Strauss]" in out
+    assert len(out.split()) <= 40 + 2 and out.index("Subdivisions") < out.index("Excludes1")
+
+
+def test_a_prose_line_longer_than_the_budget_is_cut_to_its_first_words():
+    text = "Title line\n" + " ".join(f"w{i}" for i in range(60)) + " keyword\nshort other line"
+    out = focus_excerpt(text, focus_terms("keyword", ""), 12)
+    assert out.startswith("Title line w0 w1") and out.endswith(ELLIPSIS) and len(out.split()) <= 12 + 3

@@ -39,11 +39,14 @@ def focus_terms(asked: str, options: str = "") -> dict[str, int]:
 
 
 def focus_excerpt(text: str, focus: dict[str, int], words: int) -> str:
-    """About `words` words of `text` (0: all of it), on one line: its first line, then its other lines ranked by the
-    weight of the `focus` terms they share, shown in the entry's order; a list line ("Label: a; b; c") too long for
-    what is left keeps its label and its best-matching items. Terms of the first line do not rank the others (it is
-    always shown: the code's title words recur in every line of the hierarchy). Without focus terms, or for
-    single-line text, this is `first_words`; text within the budget is returned as it is."""
+    """About `words` words of `text` (0: all of it), on one line: its first line, then what of its other lines matches
+    the `focus` terms, shown in the entry's order. A list line ("Label: a; b; c") is read item by item, and the
+    matching items are taken in rounds -- the best match of every matching line before the second-best of any -- so
+    one long line (a code's subdivisions, which share the options' words) cannot crowd out a short one the question
+    asks about (its Excludes1 note). Words left over go to the rest, best-matching lines first, and what is still
+    left to the first words of the best line that did not fit, when it is prose (not a list). Terms of the first
+    line do not rank the others (it is always shown: the code's title words recur in every line of the hierarchy).
+    Without focus terms, or for single-line text, this is `first_words`; text within the budget is returned as is."""
     if words <= 0 or len(text.split()) <= words:
         return text
     lines = [" ".join(ln.split()) for ln in text.splitlines() if ln.strip()]
@@ -52,36 +55,71 @@ def focus_excerpt(text: str, focus: dict[str, int], words: int) -> str:
     if not rest or not focus or left <= 0:
         return first_words(text, words)
     focus = {t: w for t, w in focus.items() if t not in terms(head)}
-    order = sorted(range(len(rest)), key=lambda i: -_score(rest[i], focus))  # stable: ties keep the entry's order
-    kept: dict[int, str] = {}
-    for i in order:
-        if left < 4:  # fewer words would be a label with nothing after it
-            break
-        n = len(rest[i].split())
-        kept[i] = rest[i] if n <= left else _clip_line(rest[i], focus, left)
-        left -= min(n, left)
-    shown = " ".join([head] + [kept[i] for i in sorted(kept)])
-    return shown if len(kept) == len(rest) or shown.endswith(ELLIPSIS) else shown + " " + ELLIPSIS
+    parts = [_Line.of(ln, focus) for ln in rest]
+    by_score = sorted(range(len(parts)), key=lambda i: -parts[i].score)  # stable: ties keep the entry's order
+    matching = [[j for j in p.best_first() if p.item_scores[j] > 0] for p in parts]
+    for r in range(max(map(len, matching))):  # the rounds: each matching line's r-th best item
+        for i in by_score:
+            if r < len(matching[i]):
+                left = parts[i].take(matching[i][r], left)
+    for i in by_score:  # the rest, best-matching lines first, each in its own order
+        for j in range(len(parts[i].items)):
+            left = parts[i].take(j, left)
+    if left >= 4:  # the best line that did not fit, when it is not a list: its first words
+        for i in by_score:
+            if not parts[i].chosen and parts[i].label is None:
+                parts[i].clipped = first_words(parts[i].items[0], left)
+                break
+    shown = " ".join([head] + [p.render() for p in parts if p.render()])
+    complete = all(p.complete() for p in parts)
+    return shown if complete or shown.endswith(ELLIPSIS) else shown + " " + ELLIPSIS
 
 
 def _score(text: str, focus: dict[str, int]) -> int:
     return sum(focus.get(t, 0) for t in terms(text))
 
 
-def _clip_line(line: str, focus: dict[str, int], words: int) -> str:
-    """A line cut to about `words` words; a "Label: a; b; c" line keeps its label and its best-matching items."""
-    label, sep, body = line.partition(": ")
-    items = body.split("; ") if sep else []
-    left = words - len(label.split())
-    if len(items) < 2 or left <= 0:
-        return first_words(line, words)
-    chosen = []
-    for i in sorted(range(len(items)), key=lambda i: -_score(items[i], focus)):
-        n = len(items[i].split())
-        if n <= left:
-            chosen.append(i)
-            left -= n
-    if not chosen:
-        return first_words(line, words)
-    return f"{label}: " + "; ".join(items[i] for i in sorted(chosen)) + ("; " + ELLIPSIS if len(chosen) < len(items)
-                                                                          else "")
+class _Line:
+    """One line of an entry as a label and its items ("Label: a; b; c"), or, when it is not such a list, one item."""
+
+    def __init__(self, label, items, focus):
+        self.label, self.items = label, items
+        self.item_scores = [_score(x, focus) for x in items]
+        self.score = _score(self.line(), focus)
+        self.chosen: set[int] = set()
+        self.clipped = ""
+
+    @classmethod
+    def of(cls, line: str, focus: dict[str, int]) -> "_Line":
+        label, sep, body = line.partition(": ")
+        items = body.split("; ") if sep else []
+        return cls(label, items, focus) if len(items) >= 2 else cls(None, [line], focus)
+
+    def line(self) -> str:
+        return self.items[0] if self.label is None else f"{self.label}: " + "; ".join(self.items)
+
+    def best_first(self) -> list[int]:
+        return sorted(range(len(self.items)), key=lambda j: -self.item_scores[j])
+
+    def take(self, j: int, left: int) -> int:
+        """Show item j if it fits in `left` words (with the label, for this line's first item); the words left."""
+        if j in self.chosen:
+            return left
+        cost = len(self.items[j].split()) + (len(self.label.split()) if self.label and not self.chosen else 0)
+        if cost > left:
+            return left
+        self.chosen.add(j)
+        return left - cost
+
+    def complete(self) -> bool:
+        return len(self.chosen) == len(self.items) and not self.clipped
+
+    def render(self) -> str:
+        if self.clipped:
+            return self.clipped
+        if not self.chosen:
+            return ""
+        if self.label is None:
+            return self.items[0]
+        more = "" if self.complete() else "; " + ELLIPSIS
+        return f"{self.label}: " + "; ".join(self.items[j] for j in sorted(self.chosen)) + more

@@ -3,8 +3,8 @@
 An ICD-10-CM entry is ~200 words in lines: the code and its title, its place in the hierarchy, then its notes
 (subdivisions, inclusion terms, Excludes1, ...). Spliced whole, three entries drown a 1.5B model; cut to their
 first N words, the notes a question is about (its Excludes1 list) never reach it. `focus_excerpt` keeps the first
-line, then the lines that share the most terms with the question, its options and the query, in the entry's own
-order, and within a long list line the items that match -- a search engine's snippet, per line.
+line, then the list items that share the most terms with the question, its options and the query -- every matching
+line's best item before any line's second -- shown in the entry's own order: a search engine's snippet, per line.
 """
 
 from __future__ import annotations

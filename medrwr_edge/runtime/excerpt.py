@@ -70,9 +70,8 @@ def focus_excerpt(text: str, focus: dict[str, int], words: int) -> str:
             if not parts[i].chosen and parts[i].label is None:
                 parts[i].clipped = first_words(parts[i].items[0], left)
                 break
-    shown = " ".join([head] + [p.render() for p in parts if p.render()])
-    complete = all(p.complete() for p in parts)
-    return shown if complete or shown.endswith(ELLIPSIS) else shown + " " + ELLIPSIS
+    shown = " ".join([head] + [r for r in map(_Line.render, parts) if r])
+    return shown if all(p.complete() for p in parts) or shown.endswith(ELLIPSIS) else shown + " " + ELLIPSIS
 
 
 def _score(text: str, focus: dict[str, int]) -> int:
